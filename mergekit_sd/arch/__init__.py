@@ -1,0 +1,1 @@
+"""Architecture knowledge: reference key lists, detection, block maps, LoRA key mapping."""

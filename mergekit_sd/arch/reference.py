@@ -1,0 +1,28 @@
+"""The reference key lists (real tensor names, shapes and dtypes) shipped as package data."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+
+REFERENCE_FILES = {"sd1": "sd1-ldm.json", "sdxl": "sdxl-sgm.json"}
+
+
+@lru_cache(maxsize=None)
+def reference(arch: str) -> dict:
+    """{"architecture": ..., "components": {component: {name: {"shape", "dtype", "optional"?}}}}"""
+    if arch not in REFERENCE_FILES:
+        raise KeyError(f"no reference key list for {arch!r}; known: {', '.join(REFERENCE_FILES)}")
+    text = resources.files("mergekit_sd.data.keys").joinpath(REFERENCE_FILES[arch]).read_text()
+    return json.loads(text)
+
+
+def reference_keys(arch: str, include_optional: bool = True) -> dict[str, dict]:
+    """Flat name -> entry (with its component added) for one architecture."""
+    out: dict[str, dict] = {}
+    for comp, entries in reference(arch)["components"].items():
+        for name, e in entries.items():
+            if include_optional or not e.get("optional"):
+                out[name] = dict(e, component=comp)
+    return out

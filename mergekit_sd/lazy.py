@@ -1,0 +1,92 @@
+"""Lazy models: the currency every op takes and returns.
+
+A lazy model knows each tensor's name, dtype and shape up front and produces a tensor only when asked, so the
+executor can stream any chain of ops tensor by tensor without holding a model in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+class LazyModel:
+    """Tensor name -> (spec, producer). `get` returns a contiguous CPU tensor of exactly the declared spec."""
+
+    def __init__(
+        self,
+        specs: Mapping[str, TensorSpec],
+        producer: Callable[[str], torch.Tensor],
+        metadata: Mapping[str, str] | None = None,
+        label: str = "",
+        info: Mapping | None = None,
+    ):
+        self._specs = dict(specs)
+        self._producer = producer
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.label = label
+        # free-form facts ops want to pass downstream (architecture, logs for provenance, ...)
+        self.info: dict = dict(info or {})
+
+    def keys(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._specs[name]
+
+    @property
+    def specs(self) -> dict[str, TensorSpec]:
+        return self._specs
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._producer(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: s.shape for k, s in self._specs.items()}
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._specs.values())
+
+
+def from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, label: str = "") -> LazyModel:
+    """A lazy view of tensors already in memory (tests, small LoRAs)."""
+    specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    return LazyModel(specs, lambda k: tensors[k].contiguous(), metadata, label)
+
+
+def subset(model: LazyModel, names: Iterable[str]) -> LazyModel:
+    keep = set(names)
+    return LazyModel({k: s for k, s in model.specs.items() if k in keep}, model.get, model.metadata, model.label, model.info)

@@ -1,0 +1,137 @@
+"""Merge methods: small pure functions on tensors, registered by name.
+
+A method's Python signature is its declaration: positional tensor parameters are the models (a `*models`
+parameter makes it variadic), keyword-only parameters are its settings. A keyword parameter annotated `float`
+is a *weight*: a recipe may give it as a number or as block weights, resolved to one float per tensor before
+the function is called. Everything else (int, str, bool) is passed as given. The recipe validator,
+`sdbuild methods`, the JSON Schema and README's table all read this one registry.
+
+Optional keyword parameters the engine fills in when a method declares them:
+  key: str           the tensor name (for per-tensor seeding or name-dependent rules)
+  context: object    whatever the method's `prepare` hook returned (whole-model statistics)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+REQUIRED = object()
+ENGINE_KWARGS = {"key", "context"}
+
+
+@dataclass(frozen=True)
+class MethodParam:
+    name: str
+    kind: str  # "weight" | "int" | "str" | "bool"
+    default: Any = REQUIRED
+    choices: tuple | None = None
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable
+    version: int
+    formula: str
+    min_models: int
+    max_models: int | None
+    params: tuple[MethodParam, ...]
+    engine_kwargs: frozenset = field(default_factory=frozenset)
+    prepare: Callable | None = None
+    model_names: tuple[str, ...] = ()
+    doc: str = ""
+    # a method whose first model is the base that every other model is compared with (deltas, TIES, ...)
+    uses_base: bool = False
+
+    def param(self, name: str) -> MethodParam | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def merge_method(
+    name: str | None = None,
+    *,
+    formula: str,
+    version: int = 1,
+    choices: dict[str, tuple] | None = None,
+    prepare: Callable | None = None,
+    docs: dict[str, str] | None = None,
+    uses_base: bool = False,
+) -> Callable[[Callable], Callable]:
+    """Register a merge method; see the module docstring for how the signature is read."""
+
+    def deco(fn: Callable) -> Callable:
+        mname = name or fn.__name__
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn)
+        n_pos, variadic, params, engine, model_names = 0, False, [], set(), []
+        for p in sig.parameters.values():
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                n_pos += 1
+                model_names.append(p.name)
+            elif p.kind == p.VAR_POSITIONAL:
+                variadic = True
+                model_names.append("*" + p.name)
+            elif p.kind == p.KEYWORD_ONLY:
+                if p.name in ENGINE_KWARGS:
+                    engine.add(p.name)
+                    continue
+                hint = hints.get(p.name)
+                kind = {float: "weight", int: "int", str: "str", bool: "bool"}.get(hint)
+                if kind is None:
+                    raise TypeError(f"method {mname}: parameter {p.name} needs a float/int/str/bool annotation")
+                default = REQUIRED if p.default is p.empty else p.default
+                params.append(MethodParam(p.name, kind, default, (choices or {}).get(p.name), (docs or {}).get(p.name, "")))
+        min_models = max(n_pos, 1)
+        METHODS[mname] = Method(
+            name=mname,
+            fn=fn,
+            version=version,
+            formula=formula,
+            min_models=min_models,
+            max_models=None if variadic else n_pos,
+            params=tuple(params),
+            engine_kwargs=frozenset(engine),
+            prepare=prepare,
+            model_names=tuple(model_names),
+            doc=(inspect.getdoc(fn) or "").split("\n\n")[0],
+            uses_base=uses_base,
+        )
+        return fn
+
+    return deco
+
+
+_LOADED = False
+BUILTIN_MODULES = ["basic"]
+
+
+def load_methods() -> dict[str, Method]:
+    """Import built-in method modules and third-party plugins (entry point group `mergekit_sd.methods`)."""
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        for mod in BUILTIN_MODULES:
+            importlib.import_module(f"{__name__}.{mod}")
+        try:
+            from importlib.metadata import entry_points
+
+            for ep in entry_points(group="mergekit_sd.methods"):
+                ep.load()
+        except Exception:  # a broken plugin must not break the built-ins
+            pass
+    return METHODS

@@ -1,0 +1,108 @@
+"""Synthetic checkpoints with real tensor names and shrunk shapes, for tests, the demo and benchmarks.
+
+Every dimension that is a multiple of 32 and at least 64 is divided by `factor`, so products of shapes stay
+consistent (q/k/v splits and LoRA factors still fit); factor 1 gives full-size models. Values are seeded per
+tensor name, so adding or removing keys never changes the other tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .arch.reference import reference_keys
+from .errors import UserError
+from .lazy import LazyModel, TensorSpec
+from .tensorio import DTYPE_NAMES, write_model
+
+ARCHES = ("sd1", "sdxl")
+MARKERS = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
+
+
+def shrink(shape: Iterable[int], factor: int) -> tuple[int, ...]:
+    return tuple(d // factor if (d % 32 == 0 and d >= 64 and factor > 1) else d for d in shape)
+
+
+def ema_name(key: str) -> str:
+    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`."""
+    return "model_ema.diffusion_model" + key[len("model.diffusion_model."):].replace(".", "")
+
+
+def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema: bool = False, junk: bool = False,
+                markers: bool = False, inpainting: bool = False, position_ids: bool = True) -> dict[str, TensorSpec]:
+    if arch not in ARCHES:
+        raise UserError(f"unknown architecture {arch!r} for synth; choose one of {', '.join(ARCHES)}")
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    if factor < 1:
+        raise UserError("factor must be a positive integer")
+    fdt = DTYPE_NAMES[dtype]
+    specs: dict[str, TensorSpec] = {}
+    for name, e in reference_keys(arch).items():
+        if name in MARKERS and not markers:
+            continue
+        if name.endswith("position_ids") and not position_ids:
+            continue
+        shape = shrink(e["shape"], factor)
+        if inpainting and name == "model.diffusion_model.input_blocks.0.0.weight":
+            shape = (shape[0], 9) + shape[2:]
+        specs[name] = TensorSpec(torch.int64 if e["dtype"] == "int64" else fdt, shape)
+    if ema:
+        for name in [n for n in specs if n.startswith("model.diffusion_model.")]:
+            specs[ema_name(name)] = specs[name]
+        specs["model_ema.decay"] = TensorSpec(torch.float32, ())
+        specs["model_ema.num_updates"] = TensorSpec(torch.int32, ())
+    if junk:
+        te = "cond_stage_model.transformer." if arch == "sd1" else "conditioner.embedders.0.transformer."
+        for name in [n for n in specs if n.startswith(te + "text_model.")]:
+            if specs[name].dtype.is_floating_point:
+                specs["embedding_manager.embedder.transformer." + name[len(te):]] = specs[name]
+    return specs
+
+
+def synth_value(name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
+    """Deterministic values for one tensor: position ids count up, norms sit near 1, weights near 0."""
+    if name.endswith("position_ids"):
+        return torch.arange(spec.numel, dtype=torch.int64).reshape(spec.shape)
+    if name == "model_ema.num_updates":
+        return torch.tensor(1000, dtype=torch.int32)
+    if not spec.dtype.is_floating_point:
+        return torch.zeros(spec.shape, dtype=spec.dtype)
+    if name == "model_ema.decay":
+        return torch.tensor(0.9999, dtype=spec.dtype)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFFFFFFFFFF)
+    t = torch.randn(spec.shape, generator=g, dtype=torch.float32) * 0.05
+    if "norm" in name and name.endswith(".weight"):
+        t += 1.0
+    return t.to(spec.dtype)
+
+
+def synth_model(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", seed: int = 0, **options) -> LazyModel:
+    specs = synth_specs(arch, factor, dtype, **options)
+    return LazyModel(specs, lambda n: synth_value(n, specs[n], seed), {}, label=f"synth-{arch}")
+
+
+def synth_tensors(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", seed: int = 0, **options) -> dict[str, torch.Tensor]:
+    m = synth_model(arch, factor, dtype, seed, **options)
+    return {k: m.get(k) for k in m.keys()}
+
+
+def write_synth(path: str | os.PathLike, arch: str = "sd1", factor: int = 32, dtype: str = "fp16", seed: int = 0,
+                title: str | None = None, **options) -> Path:
+    """Stream a synthetic checkpoint to `path` (atomically) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = synth_model(arch, factor, dtype, seed, **options)
+    meta = {"modelspec.title": title or path.stem, "sdbuild.synthetic": f"{arch} factor={factor} seed={seed}"}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write_model(tmp, model, meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -1,0 +1,382 @@
+"""Streaming safetensors reading and writing, and the tensor-content digest.
+
+Reading validates the whole header before any tensor is touched (files are untrusted data) and then reads one
+tensor at a time with positioned reads, so a model is never loaded whole. Writing lays out the header from the
+lazy model's specs, streams tensors in sorted name order, hashes them on the way, and patches the digests into
+fixed-width metadata fields at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+import xxhash
+
+from .errors import UserError
+from .lazy import LazyModel, TensorSpec, dtype_size
+
+MAX_HEADER_SIZE = 100_000_000
+
+DTYPE_CODES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+CODE_OF: dict[torch.dtype, str] = {v: k for k, v in DTYPE_CODES.items()}
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp64": torch.float64,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    return CODE_OF[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# content digest
+
+
+def tensor_digest(name: str, dtype: torch.dtype, shape: Iterable[int], data) -> bytes:
+    """xxh3-128 of one tensor's name, dtype, shape and bytes."""
+    h = xxhash.xxh3_128()
+    h.update(_tensor_prefix(name, dtype, shape))
+    h.update(data)
+    return h.digest()
+
+
+def _tensor_prefix(name: str, dtype: torch.dtype, shape: Iterable[int]) -> bytes:
+    return b"%s\0%s\0%s\0" % (name.encode(), dtype_code(dtype).encode(), json.dumps(list(shape)).encode())
+
+
+def combine_digests(per_tensor: Mapping[str, bytes]) -> str:
+    """The content digest of a model: tensor digests combined in sorted name order (independent of file layout)."""
+    h = xxhash.xxh3_128(b"sdbuild-content-v1\0")
+    for name in sorted(per_tensor):
+        h.update(per_tensor[name])
+    return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate name {k!r} in header")
+        out[k] = v
+    return out
+
+
+class SafetensorsFile:
+    """A validated safetensors file; tensors are read one at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        where = str(self.path)
+        try:
+            self.size = os.path.getsize(self.path)
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise UserError(f"cannot open model file: {e.strerror}", where) from None
+        self._fd = fd
+        try:
+            self._parse(where)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _parse(self, where: str) -> None:
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise UserError("not a safetensors file: shorter than its 8-byte header length", where)
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_SIZE:
+            raise UserError(f"safetensors header of {n} bytes exceeds the {MAX_HEADER_SIZE}-byte limit", where)
+        if 8 + n > self.size:
+            raise UserError(f"truncated safetensors file: header length {n} runs past the end of the file ({self.size} bytes)", where)
+        raw = _pread_all(self._fd, n, 8)
+        if not raw.lstrip(b" ").startswith(b"{"):
+            raise UserError("not a safetensors file: header does not start with '{'", where)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise UserError(f"corrupt safetensors header: {str(e).splitlines()[0][:200]}", where) from None
+        if not isinstance(header, dict):
+            raise UserError("corrupt safetensors header: not a JSON object", where)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise UserError("invalid safetensors metadata: __metadata__ must map strings to strings", where)
+        self.metadata: dict[str, str] = meta
+        self.data_start = 8 + n
+        buffer_len = self.size - self.data_start
+        specs: dict[str, TensorSpec] = {}
+        offsets: dict[str, tuple[int, int]] = {}
+        for name, entry in header.items():
+            tw = f"{where}: tensor {name!r}"
+            if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"} or len(entry) != 3:
+                raise UserError("corrupt header entry: expected dtype, shape and data_offsets", tw)
+            code, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if code not in DTYPE_CODES:
+                raise UserError(f"unsupported dtype {code!r}", tw)
+            if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape) or len(shape) > 16:
+                raise UserError(f"invalid shape {shape!r}", tw)
+            if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
+                raise UserError(f"invalid data_offsets {offs!r}", tw)
+            b, e = offs
+            if not 0 <= b <= e:
+                raise UserError(f"invalid data_offsets {offs!r}", tw)
+            if e > buffer_len:
+                raise UserError(f"data_offsets {offs!r} run past the end of the file (truncated?)", tw)
+            spec = TensorSpec(DTYPE_CODES[code], tuple(shape))
+            if e - b != spec.nbytes:
+                raise UserError(f"data_offsets span {e - b} bytes but dtype {code} and shape {shape} need {spec.nbytes}", tw)
+            specs[name] = spec
+            offsets[name] = (b, e)
+        last_end, last_name = 0, None
+        for name, (b, e) in sorted(offsets.items(), key=lambda kv: kv[1]):
+            if b < last_end:
+                raise UserError(f"tensors {last_name!r} and {name!r} overlap in the data buffer", where)
+            if e > b or last_name is None:
+                last_end, last_name = e, name
+        self.specs = specs
+        self.offsets = offsets
+
+    def read(self, name: str) -> torch.Tensor:
+        spec = self.specs[name]
+        b, e = self.offsets[name]
+        if e == b:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        buf = bytearray(e - b)
+        _preadinto(self._fd, buf, self.data_start + b)
+        return torch.frombuffer(buf, dtype=spec.dtype).reshape(spec.shape)
+
+    def read_raw(self, name: str) -> bytearray:
+        b, e = self.offsets[name]
+        buf = bytearray(e - b)
+        if e > b:
+            _preadinto(self._fd, buf, self.data_start + b)
+        return buf
+
+    def lazy(self) -> LazyModel:
+        return LazyModel(self.specs, self.read, self.metadata, label=self.path.name)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    buf = bytearray(n)
+    _preadinto(fd, buf, offset)
+    return bytes(buf)
+
+
+def _preadinto(fd: int, buf: bytearray, offset: int) -> None:
+    view = memoryview(buf)
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise UserError(f"unexpected end of file while reading at byte {offset + done}")
+        done += got
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    with SafetensorsFile(path) as f:
+        return f.specs, f.metadata
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+class WriteResult:
+    def __init__(self, content_digest: str, buffer_sha256: str, tensor_digests: dict[str, bytes], size: int):
+        self.content_digest = content_digest
+        self.buffer_sha256 = buffer_sha256
+        self.tensor_digests = tensor_digests
+        self.size = size
+
+
+CONTENT_DIGEST_KEY = "sdbuild.content_digest"
+BUFFER_SHA_KEY = "modelspec.hash_sha256"
+_PLACEHOLDERS = {CONTENT_DIGEST_KEY: "0" * 32, BUFFER_SHA_KEY: "0x" + "0" * 64}
+
+
+def write_model(
+    path: str | os.PathLike,
+    model: LazyModel,
+    metadata: Mapping[str, str],
+    out_dtype: Callable[[str, TensorSpec], TensorSpec] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> WriteResult:
+    """Stream `model` into a new safetensors file at `path` (which the caller renames into place).
+
+    The metadata gains the content digest and the tensor-buffer sha256, patched in after the tensors are written.
+    Producing runs on this thread; hashing and writing on a second, so the two overlap.
+    """
+    names = model.keys()
+    specs = {n: model.spec(n) for n in names}
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    meta.update(_PLACEHOLDERS)
+    meta.setdefault("format", "pt")
+    header: dict = {"__metadata__": dict(sorted(meta.items()))}
+    off = 0
+    for n in names:
+        s = specs[n]
+        header[n] = {"dtype": dtype_code(s.dtype), "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
+        off += s.nbytes
+    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hbytes += b" " * (-len(hbytes) % 8)
+    if len(hbytes) > MAX_HEADER_SIZE:
+        raise UserError(f"output header would be {len(hbytes)} bytes, over the safetensors limit")
+
+    digests: dict[str, bytes] = {}
+    sha = hashlib.sha256()
+    q: queue.Queue = queue.Queue(maxsize=3)
+    failure: list[BaseException] = []
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)))
+        f.write(hbytes)
+
+        def consume():
+            try:
+                while True:
+                    item = q.get()
+                    if item is None:
+                        return
+                    name, t = item
+                    data = tensor_bytes(t)
+                    h = xxhash.xxh3_128(_tensor_prefix(name, t.dtype, t.shape))
+                    h.update(data)
+                    digests[name] = h.digest()
+                    sha.update(data)
+                    f.write(data)
+            except BaseException as e:  # surfaced on the producing thread
+                failure.append(e)
+                while q.get() is not None:
+                    pass
+
+        worker = threading.Thread(target=consume, name="sdbuild-writer", daemon=True)
+        worker.start()
+        try:
+            for n in names:
+                if failure:
+                    break
+                t = model.get(n)
+                s = specs[n]
+                if t.dtype != s.dtype or tuple(t.shape) != s.shape:
+                    raise RuntimeError(f"tensor {n!r}: produced {t.dtype} {tuple(t.shape)} but declared {s.dtype} {s.shape}")
+                q.put((n, t.contiguous()))
+                if on_tensor:
+                    on_tensor(n)
+        finally:
+            q.put(None)
+            worker.join()
+        if failure:
+            raise failure[0]
+        content = combine_digests(digests)
+        buf_sha = sha.hexdigest()
+        patched = hbytes
+        for key, value in ((CONTENT_DIGEST_KEY, content), (BUFFER_SHA_KEY, "0x" + buf_sha)):
+            needle = json.dumps({key: _PLACEHOLDERS[key]}, separators=(",", ":"))[1:-1].encode()
+            pos = patched.find(needle)
+            assert pos >= 0 and len(value) == len(_PLACEHOLDERS[key])
+            fixed = json.dumps({key: value}, separators=(",", ":"))[1:-1].encode()
+            patched = patched[:pos] + fixed + patched[pos + len(needle):]
+        f.seek(8)
+        f.write(patched)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    return WriteResult(content, buf_sha, digests, os.path.getsize(path))
+
+
+def file_content_digest(path: str | os.PathLike, with_sha256: bool = True) -> tuple[str, str | None]:
+    """(content digest, full-file sha256) of a safetensors file in one sequential pass."""
+    sf = SafetensorsFile(path)
+    try:
+        sha = hashlib.sha256() if with_sha256 else None
+        if sha is not None:
+            sha.update(_pread_all(sf._fd, sf.data_start, 0))
+        digests: dict[str, bytes] = {}
+        by_offset = sorted(sf.offsets.items(), key=lambda kv: kv[1])
+        pos = 0
+        chunk = 64 << 20
+        for name, (b, e) in by_offset:
+            if sha is not None and b > pos:  # bytes between tensors still belong to the file
+                sha.update(_pread_all(sf._fd, b - pos, sf.data_start + pos))
+            spec = sf.specs[name]
+            h = xxhash.xxh3_128(_tensor_prefix(name, spec.dtype, spec.shape))
+            cur = b
+            while cur < e:
+                n = min(chunk, e - cur)
+                if cur < pos:  # overlapping zero-size edge; never happens for validated files
+                    n = min(n, pos - cur)
+                buf = bytearray(n)
+                _preadinto(sf._fd, buf, sf.data_start + cur)
+                h.update(buf)
+                if sha is not None and cur >= pos:
+                    sha.update(buf)
+                cur += n
+            digests[name] = h.digest()
+            pos = max(pos, e)
+        if sha is not None:
+            end = sf.size - sf.data_start
+            if end > pos:
+                sha.update(_pread_all(sf._fd, end - pos, sf.data_start + pos))
+        return combine_digests(digests), (sha.hexdigest() if sha is not None else None)
+    finally:
+        sf.close()
+
+
+def model_content_digest(model: LazyModel) -> str:
+    """Content digest of any lazy model (used for .ckpt inputs, which have no byte layout of their own)."""
+    return combine_digests({n: tensor_digest(n, model.spec(n).dtype, model.spec(n).shape, tensor_bytes(model.get(n))) for n in model.keys()})

@@ -1,0 +1,42 @@
+"""The one entry point for opening model files of any supported container."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import UserError
+from .lazy import LazyModel
+from .tensorio import SafetensorsFile, file_content_digest, model_content_digest
+
+SAFETENSORS_EXT = (".safetensors",)
+PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def open_model(path: str | os.PathLike) -> LazyModel:
+    """A lazy model over a file; legacy pickles are read with torch's weights-only loader."""
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext in PICKLE_EXT:
+        from .ckpt import open_ckpt
+
+        return open_ckpt(p)
+    if ext in SAFETENSORS_EXT or ext == "":
+        return SafetensorsFile(p).lazy()
+    raise UserError(f"unsupported model file type {ext!r}; use .safetensors (or a legacy .ckpt/.pt)", str(p))
+
+
+def content_digest_and_sha256(path: Path, want_sha256: bool = True) -> tuple[str, str | None]:
+    ext = path.suffix.lower()
+    if ext in PICKLE_EXT:
+        digest = model_content_digest(open_model(path))
+        sha = None
+        if want_sha256:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for b in iter(lambda: f.read(16 << 20), b""):
+                    h.update(b)
+            sha = h.hexdigest()
+        return digest, sha
+    return file_content_digest(path, want_sha256)

@@ -1,0 +1,362 @@
+"""Recipe files: YAML (safe loader only) into typed, immutable objects, with file:line for every mistake."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import UserError, did_you_mean
+from .ops import REQUIRED, Field, OpSpec, get_op, load_ops
+from .weights import normalize_weight
+
+FORMAT_VERSION = 1
+TOP_FIELDS = ("sdbuild", "name", "card", "inputs", "steps", "outputs")
+CARD_FIELDS = ("title", "author", "description", "license", "usage_hint", "tags", "trigger_phrase",
+               "prediction_type", "resolution", "thumbnail", "encoder_layer", "timestep_range", "implementation")
+INPUT_FIELDS = ("path", "sha256", "author", "url", "prediction_type", "description")
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+MAX_YAML_NODES = 200_000
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class InputDecl:
+    name: str
+    path: str
+    sha256: str | None = None
+    credits: Mapping[str, str] = field(default_factory=dict)
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class StepDecl:
+    name: str
+    op: str
+    params: Mapping[str, Any]  # validated and normalised, defaults filled in
+    refs: tuple[str, ...]
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    version: int
+    name: str
+    card: Mapping[str, str]
+    inputs: Mapping[str, InputDecl]
+    steps: Mapping[str, StepDecl]
+    outputs: Mapping[str, tuple[str, ...]]  # node -> relative output paths
+    lines: Mapping[tuple, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    def where(self, *path: Any) -> str:
+        """`file:line` of the deepest located prefix of a YAML path."""
+        for i in range(len(path), -1, -1):
+            if tuple(path[:i]) in self.lines:
+                return f"{self.path.name}:{self.lines[tuple(path[:i])]}"
+        return self.path.name
+
+    def node_names(self) -> list[str]:
+        return list(self.inputs) + list(self.steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML with locations
+
+
+def _compose(text: str, where: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        line = (e.problem_mark.line + 1) if e.problem_mark else 0
+        raise UserError(f"invalid YAML: {e.problem or e}", f"{where}:{line}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"invalid YAML: {e}", where) from None
+
+
+def _to_python(node: yaml.Node, where: str) -> tuple[Any, dict[tuple, int]]:
+    """Plain Python values plus a map from YAML path to line; aliases count towards a node budget."""
+    loader = yaml.SafeLoader("")
+    lines: dict[tuple, int] = {}
+    budget = [MAX_YAML_NODES]
+
+    def walk(n: yaml.Node, path: tuple) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise UserError(f"recipe too large: more than {MAX_YAML_NODES} YAML nodes (alias expansion?)", where)
+        if len(path) < 8:
+            lines.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            loader.flatten_mapping(n)
+            out: dict = {}
+            for k, v in n.value:
+                key = walk(k, path + ("<key>",)) if not isinstance(k, yaml.ScalarNode) else loader.construct_object(k)
+                if isinstance(key, (list, dict)):
+                    raise UserError("mapping keys must be plain values", f"{where}:{k.start_mark.line + 1}")
+                if key in out:
+                    raise UserError(f"duplicate key {key!r}", f"{where}:{k.start_mark.line + 1}")
+                if len(path) < 8:
+                    lines[path + (key,)] = k.start_mark.line + 1
+                out[key] = walk(v, path + (key,))
+                if len(path) < 8:
+                    lines[path + (key,)] = k.start_mark.line + 1
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [walk(v, path + (i,)) for i, v in enumerate(n.value)]
+        try:
+            return loader.construct_object(n, deep=True)
+        except yaml.YAMLError as e:
+            raise UserError(f"invalid value: {e}", f"{where}:{n.start_mark.line + 1}") from None
+
+    return walk(node, ()), lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# field validation
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}.get(type(v), type(v).__name__)
+
+
+def validate_field(f: Field, value: Any, where: str) -> Any:
+    if f.validate is not None:
+        return f.validate(value, where)
+    k = f.kind
+    if k == "ref":
+        if not isinstance(value, str):
+            raise UserError(f"{f.name} must name an input or step, got {_type_name(value)}", where)
+        return value
+    if k == "refs":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{f.name} must be a non-empty list of input or step names", where)
+        return list(value)
+    if k == "weight":
+        return normalize_weight(value, where)
+    if k == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{f.name} must be a number, got {value!r}", where)
+        return float(value)
+    if k == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{f.name} must be an integer, got {value!r}", where)
+        return value
+    if k == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{f.name} must be true or false, got {value!r}", where)
+        return value
+    if k == "str":
+        if not isinstance(value, str):
+            raise UserError(f"{f.name} must be a string, got {_type_name(value)}", where)
+        return value
+    if k in ("choice", "dtype"):
+        if value not in (f.choices or ()):
+            raise UserError(f"{f.name} must be one of {', '.join(map(str, f.choices or ()))}; got {value!r}{did_you_mean(value, f.choices or ())}", where)
+        return value
+    if k == "list":
+        if not isinstance(value, list):
+            raise UserError(f"{f.name} must be a list", where)
+        return value
+    if k == "mapping":
+        if not isinstance(value, dict):
+            raise UserError(f"{f.name} must be a mapping", where)
+        return value
+    return value
+
+
+def _float_safe(v: Any, where: str) -> None:
+    """Reject NaN/Inf anywhere in parameters: they would poison a build and its key."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise UserError("numbers must be finite", where)
+    if isinstance(v, dict):
+        for x in v.values():
+            _float_safe(x, where)
+    elif isinstance(v, list):
+        for x in v:
+            _float_safe(x, where)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def check_relative_path(p: str, where: str, what: str = "output path") -> str:
+    """Refuse absolute paths and `..`: a recipe from someone else must not write outside its directory."""
+    if not isinstance(p, str) or not p.strip():
+        raise UserError(f"{what} must be a non-empty string", where)
+    pp = PurePosixPath(p.replace("\\", "/"))
+    if pp.is_absolute() or re.match(r"^[A-Za-z]:", p) or ".." in pp.parts:
+        raise UserError(f"{what} {p!r} leaves the output directory; use a path relative to it without '..'", where)
+    return str(pp)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("recipe file not found", str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read recipe: {e}", str(path)) from None
+    return parse_recipe(text, path)
+
+
+def parse_recipe(text: str, path: Path) -> Recipe:
+    fname = path.name
+    node = _compose(text, fname)
+    if node is None:
+        raise UserError("recipe is empty; start with `sdbuild: 1`", f"{fname}:1")
+    data, lines = _to_python(node, fname)
+
+    def where(*p: Any) -> str:
+        for i in range(len(p), -1, -1):
+            if tuple(p[:i]) in lines:
+                return f"{fname}:{lines[tuple(p[:i])]}"
+        return fname
+
+    if not isinstance(data, dict):
+        raise UserError("a recipe is a mapping with sdbuild, inputs, steps and outputs", where())
+    for k in data:
+        if k not in TOP_FIELDS:
+            raise UserError(f"unknown field {k!r}{did_you_mean(k, TOP_FIELDS)}", where(k))
+    version = data.get("sdbuild")
+    if version is None:
+        raise UserError("missing `sdbuild: 1` (the recipe format version)", where())
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise UserError(f"unsupported recipe format version {version!r}; this sdbuild reads version {FORMAT_VERSION}", where("sdbuild"))
+    name = data.get("name", path.stem)
+    if not isinstance(name, str):
+        raise UserError("name must be a string", where("name"))
+
+    card_raw = data.get("card") or {}
+    if not isinstance(card_raw, dict):
+        raise UserError("card must be a mapping", where("card"))
+    card: dict[str, str] = {}
+    for k, v in card_raw.items():
+        if k not in CARD_FIELDS:
+            raise UserError(f"unknown card field {k!r}{did_you_mean(k, CARD_FIELDS)}", where("card", k))
+        if isinstance(v, (dict, list)) or v is None:
+            raise UserError(f"card field {k!r} must be text", where("card", k))
+        card[k] = str(v)
+
+    inputs_raw = data.get("inputs") or {}
+    steps_raw = data.get("steps") or {}
+    outputs_raw = data.get("outputs")
+    if not isinstance(inputs_raw, dict):
+        raise UserError("inputs must be a mapping of name -> path", where("inputs"))
+    if not isinstance(steps_raw, dict):
+        raise UserError("steps must be a mapping of name -> step", where("steps"))
+    if not isinstance(outputs_raw, dict) or not outputs_raw:
+        raise UserError("outputs must map at least one node to a file path", where("outputs") if "outputs" in data else where())
+
+    inputs: dict[str, InputDecl] = {}
+    for iname, spec in inputs_raw.items():
+        w = where("inputs", iname)
+        if not isinstance(iname, str) or not NAME_RE.match(iname):
+            raise UserError(f"invalid input name {iname!r}: use letters, digits, '_', '-', '.'", w)
+        if isinstance(spec, str):
+            spec = {"path": spec}
+        if not isinstance(spec, dict):
+            raise UserError("an input is a path or a mapping with path (and optional sha256, author, url)", w)
+        for k in spec:
+            if k not in INPUT_FIELDS:
+                raise UserError(f"unknown input field {k!r}{did_you_mean(k, INPUT_FIELDS)}", where("inputs", iname, k))
+        p = spec.get("path")
+        sha = spec.get("sha256")
+        if p is None and sha is None:
+            raise UserError("an input needs a path or a sha256 to find it by", w)
+        if p is not None and not isinstance(p, str):
+            raise UserError("path must be a string", where("inputs", iname, "path"))
+        if sha is not None:
+            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+                raise UserError("sha256 must be 64 hexadecimal characters", where("inputs", iname, "sha256"))
+            sha = sha.lower()
+        credits = {k: str(spec[k]) for k in ("author", "url", "prediction_type", "description") if k in spec}
+        inputs[iname] = InputDecl(iname, p or "", sha, credits, lines.get(("inputs", iname), 0))
+
+    load_ops()
+    steps: dict[str, StepDecl] = {}
+    for sname, spec in steps_raw.items():
+        w = where("steps", sname)
+        if not isinstance(sname, str) or not NAME_RE.match(sname):
+            raise UserError(f"invalid step name {sname!r}: use letters, digits, '_', '-', '.'", w)
+        if sname in inputs:
+            raise UserError(f"step {sname!r} has the same name as an input; inputs and steps share one namespace", w)
+        if not isinstance(spec, dict):
+            raise UserError("a step is a mapping with an op and its fields", w)
+        if "op" not in spec:
+            raise UserError(f"step {sname!r} has no op", w)
+        op = get_op(spec["op"], where("steps", sname, "op")) if isinstance(spec["op"], str) else None
+        if op is None:
+            raise UserError("op must be a name", where("steps", sname, "op"))
+        params = _validate_step(op, sname, spec, where)
+        refs = tuple(op.refs(params))
+        steps[sname] = StepDecl(sname, op.name, params, refs, lines.get(("steps", sname), 0))
+
+    known = list(inputs) + list(steps)
+    for sname, st in steps.items():
+        for r in st.refs:
+            if r not in inputs and r not in steps:
+                raise UserError(f"step {sname!r} refers to {r!r}, which is neither an input nor a step{did_you_mean(r, known)}", _ref_where(where, sname, r, steps_raw))
+
+    outputs: dict[str, tuple[str, ...]] = {}
+    seen: dict[str, str] = {}
+    for node, target in outputs_raw.items():
+        w = where("outputs", node)
+        if node not in inputs and node not in steps:
+            raise UserError(f"output {node!r} names no input or step{did_you_mean(node, known)}", w)
+        targets = target if isinstance(target, list) else [target]
+        norm = []
+        for t in targets:
+            rel = check_relative_path(t, w)
+            if not rel.endswith(".safetensors"):
+                raise UserError(f"output {rel!r} must end in .safetensors (sdbuild never writes pickles)", w)
+            low = rel.lower()
+            if low in seen:
+                raise UserError(f"outputs {seen[low]!r} and {node!r} are both written to {rel!r}", w)
+            seen[low] = node
+            norm.append(rel)
+        outputs[node] = tuple(norm)
+    return Recipe(path.resolve(), version, name, card, inputs, steps, outputs, lines)
+
+
+def _ref_where(where, sname, ref, steps_raw) -> str:
+    spec = steps_raw.get(sname) or {}
+    for k, v in spec.items():
+        if v == ref:
+            return where("steps", sname, k)
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                if x == ref or (isinstance(x, dict) and ref in x.values()):
+                    return where("steps", sname, k, i)
+    return where("steps", sname)
+
+
+def _validate_step(op: OpSpec, sname: str, spec: dict, where) -> dict:
+    names = [f.name for f in op.fields]
+    params: dict[str, Any] = {}
+    for k, v in spec.items():
+        if k == "op":
+            continue
+        f = op.field(k)
+        if f is None:
+            hint = did_you_mean(k, names)
+            if not hint and k in ("model", "models"):
+                hint = f" (op {op.name} takes {'models: [...]' if 'models' in names else 'model: NAME'})"
+            raise UserError(f"unknown field {k!r} for op {op.name}{hint}; fields: {', '.join(names)}", where("steps", sname, k))
+        _float_safe(v, where("steps", sname, k))
+        params[k] = validate_field(f, v, where("steps", sname, k))
+    for f in op.fields:
+        if f.name not in params:
+            if f.required:
+                raise UserError(f"step {sname!r} (op {op.name}) needs field {f.name!r}", where("steps", sname))
+            params[f.name] = f.default
+    return params

@@ -1,0 +1,76 @@
+"""JSON Schema of the recipe format, generated from the op registry so it never drifts from the validator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .ops import Field, load_ops
+from .recipe import CARD_FIELDS, INPUT_FIELDS
+
+NUMBER = {"type": "number"}
+BLOCK_WEIGHTS = {
+    "description": "a number, a list with one value per block, a mapping of block selectors, a preset name or a comma string",
+    "anyOf": [NUMBER, {"type": "array", "items": {"type": ["number", "string"]}},
+              {"type": "object", "additionalProperties": {"type": ["number", "string"]}}, {"type": "string"}],
+}
+
+
+def field_schema(f: Field) -> dict[str, Any]:
+    if f.schema is not None:
+        s = dict(f.schema)
+    else:
+        s = {
+            "ref": {"type": "string"},
+            "refs": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "weight": dict(BLOCK_WEIGHTS),
+            "number": NUMBER,
+            "int": {"type": "integer"},
+            "str": {"type": "string"},
+            "bool": {"type": "boolean"},
+            "dtype": {"enum": list(f.choices or ())},
+            "choice": {"enum": list(f.choices or ())},
+            "list": {"type": "array"},
+            "mapping": {"type": "object"},
+        }.get(f.kind, {})
+        s = dict(s)
+    if f.doc:
+        s["description"] = f.doc
+    if not f.required and f.default is not None and isinstance(f.default, (int, float, str, bool)):
+        s["default"] = f.default
+    return s
+
+
+def recipe_schema() -> dict[str, Any]:
+    steps = []
+    for name, op in sorted(load_ops().items()):
+        props: dict[str, Any] = {"op": {"const": name}}
+        props.update({f.name: field_schema(f) for f in op.fields})
+        steps.append({
+            "type": "object",
+            "title": name,
+            "description": op.doc + (f"  Formula: {op.formula}" if op.formula else ""),
+            "properties": props,
+            "required": ["op"] + [f.name for f in op.fields if f.required],
+            "additionalProperties": False,
+        })
+    name_pattern = "^[A-Za-z_][A-Za-z0-9_.\\-]*$"
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "sdbuild recipe, format version 1",
+        "type": "object",
+        "required": ["sdbuild", "outputs"],
+        "additionalProperties": False,
+        "properties": {
+            "sdbuild": {"const": 1},
+            "name": {"type": "string"},
+            "card": {"type": "object", "additionalProperties": False,
+                     "properties": {k: {"type": ["string", "number"]} for k in CARD_FIELDS}},
+            "inputs": {"type": "object", "propertyNames": {"pattern": name_pattern}, "additionalProperties": {
+                "anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": False,
+                                                "properties": {k: {"type": "string"} for k in INPUT_FIELDS}}]}},
+            "steps": {"type": "object", "propertyNames": {"pattern": name_pattern}, "additionalProperties": {"oneOf": steps}},
+            "outputs": {"type": "object", "minProperties": 1, "additionalProperties": {
+                "anyOf": [{"type": "string", "pattern": "\\.safetensors$"},
+                          {"type": "array", "items": {"type": "string", "pattern": "\\.safetensors$"}}]}},
+        },
+    }

@@ -1,0 +1,155 @@
+"""The content-addressed cache: objects addressed by step key, written atomically, locked per key.
+
+Layout under the cache directory: `objects/ab/<key>.safetensors` (read-only once written), `tmp/` for
+objects being written, `locks/` for per-key locks, `state.db` for memoised digests and object records.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from filelock import FileLock
+
+from .hashing import StateDB, digest_file, file_identity, remember_digest
+from .tensorio import WriteResult
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        for sub in ("objects", "tmp", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.db = StateDB(self.root / "state.db")
+
+    def object_path(self, key: str) -> Path:
+        return self.root / "objects" / key[:2] / f"{key}.safetensors"
+
+    def record(self, key: str) -> tuple[str, str, int] | None:
+        rows = self.db.execute("SELECT compute_key, digest, size FROM object WHERE key=?", (key,))
+        return tuple(rows[0]) if rows else None
+
+    def status(self, key: str) -> tuple[str | None, str]:
+        """(content digest or None, why): an object is served only if it is present and undamaged.
+
+        Damage is found by the memoised digest: a file whose size, mtime or inode changed is rehashed and must still
+        hold the recorded content.
+        """
+        path = self.object_path(key)
+        rec = self.record(key)
+        if rec is None or not path.exists():
+            return None, "never built" if rec is None else "object missing from the cache"
+        _, digest, size = rec
+        try:
+            if file_identity(path)[0] != size:
+                return None, "object damaged"
+            actual, _ = digest_file(path, self.db, want_sha256=False)
+        except Exception:
+            return None, "object damaged"
+        if actual != digest:
+            return None, "object damaged"
+        return digest, "fresh"
+
+    def find_compute(self, compute_key: str) -> str | None:
+        """An existing object with the same tensors (only metadata differs), if any is intact."""
+        for (key,) in self.db.execute("SELECT key FROM object WHERE compute_key=?", (compute_key,)):
+            if self.status(key)[0] is not None:
+                return key
+        return None
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        with FileLock(str(self.root / "locks" / f"{key[:32]}.lock")):
+            yield
+
+    def put(self, key: str, compute_key: str, write: Callable[[Path], WriteResult]) -> WriteResult:
+        """Write an object through a temporary file: a crash never leaves a half object under a real key."""
+        final = self.object_path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.partial"
+        try:
+            result = write(tmp)
+            os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        remember_digest(self.db, final, file_identity(final), result.content_digest, None)
+        self.db.execute("INSERT OR REPLACE INTO object VALUES (?,?,?,?)", (key, compute_key, result.content_digest, result.size))
+        return result
+
+    def clean_tmp(self) -> int:
+        """Remove partial objects left by killed builds (only those not being written right now)."""
+        n = 0
+        for p in (self.root / "tmp").glob("*.partial"):
+            try:
+                pid = int(p.name.rsplit(".", 2)[-2])
+            except ValueError:
+                pid = -1
+            if pid > 0 and _alive(pid) and pid != os.getpid():
+                continue
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+        return n
+
+    def forget(self, key: str) -> None:
+        path = self.object_path(key)
+        if path.exists():
+            path.unlink()
+        self.db.execute("DELETE FROM object WHERE key=?", (key,))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def materialise(obj: Path, target: Path) -> str:
+    """Put an object at an output path by hard link (else copy), atomically. Returns "link", "copy" or "same"."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if target.exists() and os.path.samefile(obj, target):
+            return "same"
+    except OSError:
+        pass
+    tmp = target.with_name(f".{target.name}.sdbuild-{os.getpid()}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        try:
+            os.link(obj, tmp)
+            how = "link"
+        except OSError:
+            shutil.copyfile(obj, tmp)
+            how = "copy"
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return how

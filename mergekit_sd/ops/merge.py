@@ -17,7 +17,7 @@ from ..lazy import LazyModel, TensorSpec
 from ..methods import Method, load_methods
 from ..tensorio import DTYPE_NAMES
 from ..weights import compile_weight, normalize_weight
-from . import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
+from . import DTYPE_FIELD, REQUIRED, Field, OpContext, OpSpec, register_op
 
 KERNEL_VERSION = 1
 ON_MISSING = ("keep_a", "take_b", "error")
@@ -25,9 +25,9 @@ ON_MISSING = ("keep_a", "take_b", "error")
 
 def _param_field(p) -> Field:
     if p.kind == "weight":
-        return Field(p.name, "weight", None if p.required else p.default, doc=p.doc or "weight (number or block weights)", validate=normalize_weight)
+        return Field(p.name, "weight", REQUIRED if p.required else float(p.default), doc=p.doc or "weight (number or block weights)", validate=normalize_weight)
     kind = {"int": "int", "str": "choice" if p.choices else "str", "bool": "bool"}[p.kind]
-    return Field(p.name, kind, None if p.required else p.default, p.choices, p.doc)
+    return Field(p.name, kind, REQUIRED if p.required else p.default, p.choices, p.doc)
 
 
 def never_merged(key: str, dtype: torch.dtype) -> bool:

@@ -1,0 +1,176 @@
+"""Lock files: the exact inputs a recipe was built from and the outputs it gave, kept in git beside the recipe.
+
+A recipe names files by path (and an optional sha256 pin); its lock records what those files *were*: each
+input's file sha256 and tensor content digest, and each output's content digest. `build --locked` refuses
+inputs that differ from the lock; a normal build reports outputs that no longer match it.
+
+The format is plain text, one entry per line, sorted, no alignment padding, so adding or changing one input
+changes one line of a diff:
+
+    # sdbuild lock 1 for aurora.yaml ...
+    input anime sha256=7f96... digest=0a1b...
+    output release digest=9c8d...
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .errors import UserError
+
+LOCK_VERSION = 1
+KINDS = ("input", "output")
+_HEX = re.compile(r"^[0-9a-f]+$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+_FIELDS = {"input": ("sha256", "digest"), "output": ("digest",)}
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    kind: str  # "input" | "output"
+    name: str
+    digest: str | None = None  # tensor content digest (xxh3-128)
+    sha256: str | None = None  # full-file sha256 (inputs)
+
+    def line(self) -> str:
+        parts = [self.kind, self.name]
+        for f in _FIELDS[self.kind]:
+            v = getattr(self, f)
+            if v:
+                parts.append(f"{f}={v}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Lock:
+    entries: tuple[LockEntry, ...]
+
+    @staticmethod
+    def of(entries: Iterable[LockEntry]) -> "Lock":
+        by = {(e.kind, e.name): e for e in entries}
+        return Lock(tuple(by[k] for k in sorted(by, key=lambda k: (KINDS.index(k[0]), k[1]))))
+
+    def get(self, kind: str, name: str) -> LockEntry | None:
+        for e in self.entries:
+            if e.kind == kind and e.name == name:
+                return e
+        return None
+
+    def of_kind(self, kind: str) -> dict[str, LockEntry]:
+        return {e.name: e for e in self.entries if e.kind == kind}
+
+
+@dataclass(frozen=True)
+class LockDifference:
+    kind: str
+    name: str
+    field: str  # "sha256" | "digest" | "missing" (in the lock) | "gone" (no longer in the recipe)
+    locked: str | None
+    actual: str | None
+
+    def describe(self) -> str:
+        if self.field == "missing":
+            return f"{self.kind} {self.name!r} is not in the lock file"
+        if self.field == "gone":
+            return f"{self.kind} {self.name!r} is in the lock file but not in the recipe"
+        return f"{self.kind} {self.name!r}: {self.field} {_short(self.actual)} differs from the locked {_short(self.locked)}"
+
+
+def _short(v: str | None) -> str:
+    return (v[:16] + "…") if v and len(v) > 16 else (v or "(none)")
+
+
+def lock_path(recipe_path: str | os.PathLike) -> Path:
+    """`recipes/aurora.yaml` -> `recipes/aurora.lock`."""
+    p = Path(recipe_path)
+    return p.with_suffix(".lock") if p.suffix else p.with_name(p.name + ".lock")
+
+
+def format_lock(lock: Lock, recipe_file: str) -> str:
+    head = [
+        f"# sdbuild lock {LOCK_VERSION} for {recipe_file}: input file sha256 and content digests, output content digests.",
+        f"# Keep it in version control. `sdbuild lock {recipe_file}` rewrites it; `sdbuild build --locked` enforces it.",
+    ]
+    return "\n".join(head + [e.line() for e in Lock.of(lock.entries).entries]) + "\n"
+
+
+def parse_lock(text: str, where: str = "lock file") -> Lock:
+    entries: list[LockEntry] = []
+    seen: set[tuple[str, str]] = set()
+    for i, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        w = f"{where}:{i}"
+        if len(parts) < 3 or parts[0] not in KINDS:
+            raise UserError(f"expected `input NAME sha256=... digest=...` or `output NAME digest=...`, got {line[:80]!r}", w)
+        kind, name = parts[0], parts[1]
+        if not _NAME.match(name):
+            raise UserError(f"invalid name {name!r}", w)
+        if (kind, name) in seen:
+            raise UserError(f"{kind} {name!r} is listed twice", w)
+        seen.add((kind, name))
+        values: dict[str, str] = {}
+        for tok in parts[2:]:
+            k, sep, v = tok.partition("=")
+            if not sep or k not in _FIELDS[kind] or not _HEX.match(v) or k in values:
+                raise UserError(f"bad field {tok[:80]!r} for {kind} {name!r}; expected {' '.join(f + '=HEX' for f in _FIELDS[kind])}", w)
+            values[k] = v
+        if not values:
+            raise UserError(f"{kind} {name!r} has no digest", w)
+        entries.append(LockEntry(kind, name, values.get("digest"), values.get("sha256")))
+    return Lock.of(entries)
+
+
+def read_lock(path: str | os.PathLike) -> Lock | None:
+    """The lock at `path`, or None when there is none."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read lock file: {e}", str(p)) from None
+    return parse_lock(text, p.name)
+
+
+def write_lock(path: str | os.PathLike, lock: Lock, recipe_file: str) -> Path:
+    """Write atomically (a crash never leaves half a lock)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(format_lock(lock, recipe_file), encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
+def compare(locked: Lock, actual: Lock, kind: str, *, report_gone: bool = False) -> list[LockDifference]:
+    """Entries of `kind` whose recorded fields differ; a field is compared only when both sides record it."""
+    out: list[LockDifference] = []
+    old, new = locked.of_kind(kind), actual.of_kind(kind)
+    for name in sorted(new):
+        e = new[name]
+        o = old.get(name)
+        if o is None:
+            out.append(LockDifference(kind, name, "missing", None, e.digest))
+            continue
+        for f in _FIELDS[kind]:
+            a, b = getattr(o, f), getattr(e, f)
+            if a and b and a != b:
+                out.append(LockDifference(kind, name, f, a, b))
+                break
+    if report_gone:
+        for name in sorted(set(old) - set(new)):
+            out.append(LockDifference(kind, name, "gone", old[name].digest, None))
+    return out
+
+
+def entries_from(inputs: Mapping[str, tuple[str | None, str | None]], outputs: Mapping[str, str]) -> Lock:
+    """A lock from {input: (sha256, digest)} and {output node: digest}."""
+    es = [LockEntry("input", n, d, s) for n, (s, d) in inputs.items()]
+    es += [LockEntry("output", n, d) for n, d in outputs.items()]
+    return Lock.of(es)

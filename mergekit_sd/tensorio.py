@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import queue
+import stat
 import struct
 import threading
 from pathlib import Path
@@ -107,7 +108,10 @@ class SafetensorsFile:
         self.path = Path(path)
         where = str(self.path)
         try:
-            self.size = os.path.getsize(self.path)
+            st = os.stat(self.path)
+            if not stat.S_ISREG(st.st_mode):  # a directory, FIFO or device would fail later or block forever
+                raise UserError("not a regular file", where)
+            self.size = st.st_size
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise UserError(f"cannot open model file: {e.strerror}", where) from None
@@ -136,25 +140,29 @@ class SafetensorsFile:
             raise UserError(f"corrupt safetensors header: {str(e).splitlines()[0][:200]}", where) from None
         if not isinstance(header, dict):
             raise UserError("corrupt safetensors header: not a JSON object", where)
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        meta = {} if meta is None else meta
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise UserError("invalid safetensors metadata: __metadata__ must map strings to strings", where)
+        bad = next((s for s in (*meta, *meta.values(), *header) if not _valid_utf8(s)), None)
+        if bad is not None:
+            raise UserError(f"corrupt safetensors header: invalid Unicode in {bad[:80]!r}", where)
         self.metadata: dict[str, str] = meta
         self.data_start = 8 + n
         buffer_len = self.size - self.data_start
         specs: dict[str, TensorSpec] = {}
         offsets: dict[str, tuple[int, int]] = {}
         for name, entry in header.items():
-            tw = f"{where}: tensor {name!r}"
+            tw = f"{where}: tensor {name[:120]!r}"
             if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"} or len(entry) != 3:
                 raise UserError("corrupt header entry: expected dtype, shape and data_offsets", tw)
             code, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if code not in DTYPE_CODES:
-                raise UserError(f"unsupported dtype {code!r}", tw)
-            if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape) or len(shape) > 16:
-                raise UserError(f"invalid shape {shape!r}", tw)
+            if not isinstance(code, str) or code not in DTYPE_CODES:
+                raise UserError(f"unsupported dtype {str(code)[:40]!r}; known: {' '.join(DTYPE_CODES)}", tw)
+            if not isinstance(shape, list) or len(shape) > 16 or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
+                raise UserError(f"invalid shape {str(shape)[:80]}", tw)
             if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
-                raise UserError(f"invalid data_offsets {offs!r}", tw)
+                raise UserError(f"invalid data_offsets {str(offs)[:80]}", tw)
             b, e = offs
             if not 0 <= b <= e:
                 raise UserError(f"invalid data_offsets {offs!r}", tw)
@@ -168,7 +176,7 @@ class SafetensorsFile:
         last_end, last_name = 0, None
         for name, (b, e) in sorted(offsets.items(), key=lambda kv: kv[1]):
             if b < last_end:
-                raise UserError(f"tensors {last_name!r} and {name!r} overlap in the data buffer", where)
+                raise UserError(f"tensors {str(last_name)[:120]!r} and {name[:120]!r} overlap in the data buffer", where)
             if e > b or last_name is None:
                 last_end, last_name = e, name
         self.specs = specs
@@ -180,14 +188,14 @@ class SafetensorsFile:
         if e == b:
             return torch.empty(spec.shape, dtype=spec.dtype)
         buf = bytearray(e - b)
-        _preadinto(self._fd, buf, self.data_start + b)
+        _preadinto(self._fd, buf, self.data_start + b, str(self.path))
         return torch.frombuffer(buf, dtype=spec.dtype).reshape(spec.shape)
 
     def read_raw(self, name: str) -> bytearray:
         b, e = self.offsets[name]
         buf = bytearray(e - b)
         if e > b:
-            _preadinto(self._fd, buf, self.data_start + b)
+            _preadinto(self._fd, buf, self.data_start + b, str(self.path))
         return buf
 
     def lazy(self) -> LazyModel:
@@ -217,14 +225,26 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
     return bytes(buf)
 
 
-def _preadinto(fd: int, buf: bytearray, offset: int) -> None:
+def _preadinto(fd: int, buf: bytearray, offset: int, where: str | None = None) -> None:
     view = memoryview(buf)
     done = 0
     while done < len(buf):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise UserError(f"cannot read model file: {e.strerror}", where) from None
         if got <= 0:
-            raise UserError(f"unexpected end of file while reading at byte {offset + done}")
+            raise UserError(f"unexpected end of file while reading at byte {offset + done} (file truncated or changed while reading?)", where)
         done += got
+
+
+def _valid_utf8(s: str) -> bool:
+    """JSON escapes can encode lone surrogates, which no UTF-8 writer or hash can take."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorSpec], dict[str, str]]:

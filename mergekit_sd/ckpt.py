@@ -1,0 +1,192 @@
+"""Legacy `.ckpt` / `.pt` / `.bin` inputs, read without ever running code from the file.
+
+Pickles can execute arbitrary code when loaded, so they are opened only with torch's weights-only unpickler.
+Lightning training checkpoints name a few harmless classes in their training state (the checkpoint callback, numpy
+scalars); those names resolve to an inert placeholder that stores nothing. Any other global makes the load fail and
+the file is refused with a one-line error. After loading: unwrap `state_dict`, drop training state (recorded in
+`info["provenance"]`), rename NovelAI-style CLIP aliases and SD 2.1-Turbo SGM names to the standard layout.
+Outputs are always safetensors; nothing here writes pickles.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .errors import UserError
+from .lazy import LazyModel, TensorSpec
+from .tensorio import CODE_OF
+
+NAI_ALIAS = "cond_stage_model.transformer."
+NAI_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+TURBO_MARKER = "conditioner.embedders.0.model.ln_final.weight"
+
+
+class _Inert:
+    """Placeholder for allow-listed training-state classes: accepts any arguments and state, keeps none."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# Classes that appear only in the training state of published Lightning checkpoints (A1111's unpickler allows the
+# same ones). They are mapped to `_Inert`, so nothing from numpy or Lightning is imported or called.
+_INERT_NAMES = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "numpy.dtypes.Float64DType",
+    "numpy.dtypes.Int64DType",
+)
+
+
+def _inert_globals() -> list:
+    out = []
+    for i, name in enumerate(_INERT_NAMES):
+        cls = type(f"_Inert{i}", (_Inert,), {})  # one class per name: the allow-list is keyed by object
+        out.append((cls, name))
+    return out
+
+
+def _load(path: Path) -> Any:
+    where = str(path)
+    try:
+        if not path.is_file():
+            raise UserError("model file not found" if not path.exists() else "not a regular file", where)
+    except OSError as e:
+        raise UserError(f"cannot open model file: {e.strerror}", where) from None
+    with torch.serialization.safe_globals(_inert_globals()):
+        for mmap in (True, False):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except pickle.UnpicklingError as e:
+                detail = _unsafe_detail(e)
+                raise UserError(
+                    f"refused to load this pickle: it needs code to run{detail}; nothing was executed. "
+                    "Convert it to .safetensors with a tool you trust, or ask its author for a safetensors file", where
+                ) from None
+            except RuntimeError as e:
+                if mmap and "mmap" in str(e):
+                    continue  # old (non-zip) torch format: cannot be memory-mapped, read it normally
+                raise UserError(f"cannot read legacy checkpoint: {_first_line(e)}", where) from None
+            except (EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                    ImportError, OverflowError, MemoryError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read legacy checkpoint (truncated or corrupt?): {type(e).__name__}: {_first_line(e)}", where) from None
+            except OSError as e:
+                raise UserError(f"cannot read legacy checkpoint: {e.strerror or _first_line(e)}", where) from None
+    raise UserError("cannot read legacy checkpoint", where)  # pragma: no cover
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _unsafe_detail(e: BaseException) -> str:
+    """The offending global, when torch names it ("Unsupported global: GLOBAL posix.system ...")."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if "GLOBAL " in line:
+            g = line.split("GLOBAL ", 1)[1].split()[0]
+            return f" (it calls {g})"
+    return ""
+
+
+def unwrap_state_dict(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Weights and the names of everything dropped as training state (A1111's rule: pop `state_dict`, twice)."""
+    if not isinstance(obj, Mapping):
+        raise UserError(f"not a checkpoint: the pickle holds a {type(obj).__name__}, not a state dict", where)
+    dropped: list[str] = []
+    sd: Any = obj
+    if isinstance(obj.get("state_dict"), Mapping):
+        sd = obj["state_dict"]
+        dropped += [str(k) for k in obj if k != "state_dict"]
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if isinstance(k, str) and k != "state_dict" and isinstance(v, torch.Tensor):
+            tensors[k] = v
+        else:
+            dropped.append(("state_dict." if sd is not obj else "") + str(k))
+    return tensors, sorted(set(dropped))
+
+
+def legacy_renames(names) -> dict[str, str]:
+    """old name -> new name for NovelAI CLIP aliases and SD 2.1-Turbo SGM naming (FORMATS §1.2)."""
+    names = set(names)
+    out: dict[str, str] = {}
+    for n in names:
+        if n.startswith(NAI_ALIAS) and n[len(NAI_ALIAS):].startswith(NAI_PARTS):
+            out[n] = NAI_ALIAS + "text_model." + n[len(NAI_ALIAS):]
+    return out
+
+
+def turbo_renames(specs: Mapping[str, TensorSpec]) -> dict[str, str]:
+    """SD 2.1-Turbo ships OpenCLIP-H (width 1024) under `conditioner.embedders.0.`; A1111 renames it to `cond_stage_model.`."""
+    spec = specs.get(TURBO_MARKER)
+    if spec is None or spec.shape != (1024,) or any(k.startswith("conditioner.embedders.1.") for k in specs):
+        return {}
+    p = "conditioner.embedders.0."
+    return {k: "cond_stage_model." + k[len(p):] for k in specs if k.startswith(p)}
+
+
+def rename_model(model: LazyModel) -> LazyModel:
+    """Apply the legacy renames to any lazy model; alias copies whose proper name also exists are dropped."""
+    specs = model.specs
+    ren = {**legacy_renames(specs), **turbo_renames(specs)}
+    if not ren:
+        return model
+    back: dict[str, str] = {}
+    new_specs: dict[str, TensorSpec] = {}
+    dropped: list[str] = []
+    for k, s in specs.items():
+        if k in ren and ren[k] in specs:
+            dropped.append(k)
+            continue
+        nk = ren.get(k, k)
+        back[nk] = k
+        new_specs[nk] = s
+    info = dict(model.info)
+    prov = dict(info.get("provenance") or {})
+    prov["renamed"] = len(ren) - len(dropped)
+    if dropped:
+        prov["dropped_aliases"] = len(dropped)
+    info["provenance"] = prov
+    return LazyModel(new_specs, lambda k: model.get(back[k]), model.metadata, model.label, info)
+
+
+def open_ckpt(path: str | os.PathLike) -> LazyModel:
+    """A lazy model over a legacy pickle checkpoint, loaded weights-only (memory-mapped when the format allows)."""
+    p = Path(path)
+    where = str(p)
+    obj = _load(p)
+    tensors, dropped = unwrap_state_dict(obj, where)
+    if not tensors:
+        raise UserError("no tensors found in this checkpoint", where)
+    specs: dict[str, TensorSpec] = {}
+    for k, t in tensors.items():
+        if t.layout != torch.strided or t.is_quantized or t.dtype not in CODE_OF:
+            raise UserError(f"tensor {k!r} has an unsupported type ({t.dtype}, {t.layout}); convert the file with a trusted tool", where)
+        specs[k] = TensorSpec(t.dtype, tuple(t.shape))
+
+    def produce(k: str) -> torch.Tensor:
+        t = tensors[k]
+        if isinstance(t, torch.nn.Parameter):
+            t = t.detach()
+        return t.contiguous()
+
+    info: dict = {"format": "ckpt"}
+    if dropped:
+        info["provenance"] = {"training_state_dropped": dropped}
+        info["log"] = [f"dropped training state from {p.name}: {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}"]
+    model = LazyModel(specs, produce, {}, label=p.name, info=info)
+    return rename_model(model)

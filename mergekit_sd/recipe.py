@@ -129,7 +129,7 @@ def _type_name(v: Any) -> str:
 
 def validate_field(f: Field, value: Any, where: str) -> Any:
     if f.validate is not None:
-        return f.validate(value, where)
+        return f.validate(value, f"{where}: {f.name}")
     k = f.kind
     if k == "ref":
         if not isinstance(value, str):

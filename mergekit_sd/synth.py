@@ -33,7 +33,9 @@ def ema_name(key: str) -> str:
 
 
 def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema: bool = False, junk: bool = False,
-                markers: bool = False, inpainting: bool = False, position_ids: bool = True) -> dict[str, TensorSpec]:
+                markers: bool = False, inpainting: bool = False, position_ids: bool = True,
+                broken_position_ids: bool = False, lora_leftovers: bool = False,
+                scheduler: bool = False) -> dict[str, TensorSpec]:
     if arch not in ARCHES:
         raise UserError(f"unknown architecture {arch!r} for synth; choose one of {', '.join(ARCHES)}")
     if dtype not in DTYPE_NAMES:
@@ -51,6 +53,8 @@ def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema
         if inpainting and name == "model.diffusion_model.input_blocks.0.0.weight":
             shape = (shape[0], 9) + shape[2:]
         specs[name] = TensorSpec(torch.int64 if e["dtype"] == "int64" else fdt, shape)
+        if broken_position_ids and name.endswith("position_ids"):
+            specs[name] = TensorSpec(torch.float32, shape)  # what naive merges leave behind (FORMATS §1.9)
     if ema:
         for name in [n for n in specs if n.startswith("model.diffusion_model.")]:
             specs[ema_name(name)] = specs[name]
@@ -61,12 +65,35 @@ def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema
         for name in [n for n in specs if n.startswith(te + "text_model.")]:
             if specs[name].dtype.is_floating_point:
                 specs["embedding_manager.embedder.transformer." + name[len(te):]] = specs[name]
+    if lora_leftovers:
+        for mod in ("lora_unet_input_blocks_1_1_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1"):
+            specs[f"{mod}.lora_down.weight"] = TensorSpec(fdt, (4, 8))
+            specs[f"{mod}.lora_up.weight"] = TensorSpec(fdt, (8, 4))
+            specs[f"{mod}.alpha"] = TensorSpec(fdt, ())
+    if scheduler:
+        for name in SCHEDULER_BUFFERS:
+            specs[name] = TensorSpec(torch.float32, (1000,))
     return specs
+
+
+SCHEDULER_BUFFERS = ("alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
+                     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
+                     "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                     "sqrt_recipm1_alphas_cumprod")
+
+
+def broken_ids(n: int = 77) -> torch.Tensor:
+    """Float position ids as a naive merge leaves them: every 7th id sits just below its integer (e.g. 75.9975)."""
+    t = torch.arange(n, dtype=torch.float32)
+    t[6::7] -= 0.0025
+    return t
 
 
 def synth_value(name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
     """Deterministic values for one tensor: position ids count up, norms sit near 1, weights near 0."""
     if name.endswith("position_ids"):
+        if spec.dtype.is_floating_point:
+            return broken_ids(spec.numel).reshape(spec.shape).to(spec.dtype)
         return torch.arange(spec.numel, dtype=torch.int64).reshape(spec.shape)
     if name == "model_ema.num_updates":
         return torch.tensor(1000, dtype=torch.int32)
@@ -105,4 +132,34 @@ def write_synth(path: str | os.PathLike, arch: str = "sd1", factor: int = 32, dt
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def synth_vae_tensors(factor: int = 32, dtype: str = "fp32", seed: int = 7, layout: str = "standalone") -> dict[str, torch.Tensor]:
+    """A VAE alone: `standalone` (encoder.*/decoder.*), `checkpoint` (first_stage_model.*) or `diffusers` layout."""
+    full = synth_tensors("sd1", factor, dtype, seed)
+    vae = {k[len("first_stage_model."):]: v for k, v in full.items() if k.startswith("first_stage_model.")}
+    if layout == "standalone":
+        return vae
+    if layout == "checkpoint":
+        return {"first_stage_model." + k: v for k, v in vae.items()}
+    if layout == "diffusers":
+        from .ops.vae import ldm_to_diffusers
+
+        out = {}
+        for k, v in vae.items():
+            if ".mid.attn_1." in k and v.dim() == 4:
+                v = v.reshape(v.shape[:2])  # diffusers stores these 1x1 convs as linear weights
+            out[ldm_to_diffusers(k)] = v
+        return out
+    raise UserError(f"unknown VAE layout {layout!r}; choose standalone, checkpoint or diffusers")
+
+
+def write_synth_ckpt(path: str | os.PathLike, tensors: dict[str, torch.Tensor], wrap: bool = True, extra: dict | None = None,
+                     legacy_format: bool = False) -> Path:
+    """A legacy pickle checkpoint (for tests of the weights-only reader); `wrap` nests the weights under `state_dict`."""
+    path = Path(path)
+    obj: dict = {"state_dict": dict(tensors)} if wrap else dict(tensors)
+    obj.update(extra or {})
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy_format)
     return path

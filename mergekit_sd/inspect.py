@@ -1,0 +1,261 @@
+"""`sdbuild inspect`: what is inside a model file, and what of it is junk.
+
+Headers give architecture, components, dtypes, junk and key coverage without reading tensor data; the optional scan
+reads tensors one at a time to find NaN/Inf values and the VAE fingerprint. Byte counts are exact integers so
+reports can be compared and asserted on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch.components import CATEGORY_DOC, COMPONENTS, JUNK, MARKERS, classify, is_position_ids
+from .lazy import LazyModel
+from .tensorio import dtype_code
+
+KNOWN_VAE_FINGERPRINTS = {0: "SD-v1 (kl-f8)", 869: "SD-v2", 2982: "NAI", 155: "WD-VAE-v1", 41: "WD-VAE-v2"}
+JUNK_EXAMPLES = 5
+
+
+def _open(path: Path) -> LazyModel:
+    from .modelio import open_model
+
+    return open_model(path)
+
+
+def _read_provenance(metadata: dict[str, str]) -> Any:
+    """Parsed `sdbuild.provenance` (the provenance module owns its format); None when absent or unreadable."""
+    try:
+        from .provenance import read_provenance
+    except ImportError:  # pragma: no cover
+        raw = metadata.get("sdbuild.provenance")
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+    return read_provenance(metadata)
+
+
+def _tally(model: LazyModel, keys) -> dict[str, Any]:
+    out: dict[str, Any] = {"tensors": 0, "bytes": 0, "dtypes": {}}
+    for k in keys:
+        s = model.spec(k)
+        out["tensors"] += 1
+        out["bytes"] += s.nbytes
+        c = dtype_code(s.dtype)
+        out["dtypes"][c] = out["dtypes"].get(c, 0) + 1
+    return out
+
+
+def vae_fingerprint(model: LazyModel, vae_keys: list[str]) -> int | None:
+    """The model toolkit's VAE "metric" (FORMATS §1.7): identifies well-known VAEs (SD-v1 0, NAI 2982, ...)."""
+    total = 0.0
+    seen = False
+    for k in vae_keys:
+        if ("encoder." in k or "decoder." in k) and model.spec(k).dtype.is_floating_point:
+            t = model.get(k).to(torch.float16).to(torch.float32)
+            total += float((torch.sigmoid(t) - 0.5).sum(dtype=torch.float64))
+            seen = True
+    if not seen:
+        return None
+    n = int(abs(total / 17870.7051 - 1) * 10000)
+    while n >= 10000:
+        n -= 5000
+    return n
+
+
+def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
+    """The report behind `sdbuild inspect FILE [--json]`; tensors are read (one at a time) only when `scan`."""
+    p = Path(path)
+    model = _open(p)
+    specs = model.specs
+    cls = classify(specs)
+    arch = cls.arch
+    report: dict[str, Any] = {
+        "file": p.name,
+        "format": "ckpt" if model.info.get("format") == "ckpt" else "safetensors",
+        "file_bytes": p.stat().st_size,
+        "architecture": arch.name,
+        "variant": arch.variant,
+        "modelspec_architecture": arch.modelspec,
+        "tensors": len(specs),
+        "bytes": model.nbytes(),
+    }
+    if arch.factor != 1:
+        report["shrink_factor"] = arch.factor
+    dtypes: dict[str, dict[str, int]] = {}
+    waste = 0
+    for k, s in specs.items():
+        d = dtypes.setdefault(dtype_code(s.dtype), {"tensors": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["bytes"] += s.nbytes
+        if s.dtype in (torch.float32, torch.float64):
+            waste += s.nbytes - s.numel * 2  # what storing it as fp16 would save
+    report["dtypes"] = dict(sorted(dtypes.items()))
+    report["precision_waste_bytes"] = waste
+
+    by_cat: dict[str, list[str]] = {}
+    for k, c in cls.category.items():
+        by_cat.setdefault(c, []).append(k)
+    for v in by_cat.values():
+        v.sort()
+    report["components"] = {c: _tally(model, by_cat[c]) for c in COMPONENTS if c in by_cat}
+    junk_cats = {}
+    for c in JUNK:
+        if c in by_cat:
+            t = _tally(model, by_cat[c])
+            junk_cats[c] = {"tensors": t["tensors"], "bytes": t["bytes"], "what": CATEGORY_DOC[c], "keys": by_cat[c]}
+    report["junk"] = {"tensors": sum(j["tensors"] for j in junk_cats.values()),
+                      "bytes": sum(j["bytes"] for j in junk_cats.values()), "categories": junk_cats}
+    if "scheduler" in by_cat:
+        t = _tally(model, by_cat["scheduler"])
+        report["scheduler_buffers"] = {"tensors": t["tensors"], "bytes": t["bytes"]}
+    report["keys"] = {
+        "reference": arch.reference,
+        "missing": cls.missing,
+        "unexpected": by_cat.get("unknown", []),
+        "shape_mismatch": cls.shape_mismatch,
+        "absent_components": cls.absent_components,
+    }
+
+    markers: dict[str, Any] = {}
+    for k in MARKERS:
+        if k in specs:
+            s = specs[k]
+            entry: dict[str, Any] = {"dtype": dtype_code(s.dtype), "shape": list(s.shape)}
+            if s.numel == 1 and s.dtype.is_floating_point:
+                entry["value"] = float(model.get(k).reshape(-1)[0])
+            markers[k] = entry
+    report["markers"] = markers
+    meta = dict(model.metadata)
+    pred = meta.get("modelspec.prediction_type") or meta.get("modelspec.predict_key")
+    if pred is None and ("v_pred" in specs or "edm_vpred.sigma_max" in specs):
+        pred = "v"
+    report["prediction_type"] = pred
+    report["ztsnr"] = "ztsnr" in specs
+
+    pos: dict[str, Any] = {}
+    for k in sorted(k for k in specs if is_position_ids(k)):
+        from .ops.prune import broken_position_ids
+
+        t = model.get(k)
+        broken = broken_position_ids(t)
+        pos[k] = {"dtype": dtype_code(t.dtype), "broken": broken, "ok": not broken and t.dtype == torch.int64}
+    report["position_ids"] = pos
+
+    report["scanned"] = bool(scan)
+    if scan:
+        bad = []
+        for k in model.keys():
+            s = specs[k]
+            if not s.dtype.is_floating_point or s.numel == 0:
+                continue
+            t = model.get(k)
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            if nan or inf:
+                bad.append({"key": k, "nan": nan, "inf": inf})
+            del t
+        report["non_finite"] = bad
+        vae_keys = by_cat.get("vae", [])
+        fp = vae_fingerprint(model, vae_keys) if vae_keys else None
+        report["vae_fingerprint"] = fp
+        report["vae_known_as"] = next((n for v, n in KNOWN_VAE_FINGERPRINTS.items() if fp is not None and abs(fp - v) <= 1), None)
+    else:
+        report["non_finite"] = None
+
+    prov_in = model.info.get("provenance") or {}
+    if prov_in.get("training_state_dropped"):
+        report["training_state"] = prov_in["training_state_dropped"]
+    if prov_in.get("renamed"):
+        report["renamed_on_load"] = prov_in["renamed"]
+    report["metadata"] = meta
+    report["provenance"] = _read_provenance(meta)
+    return report
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def format_inspect(r: dict[str, Any]) -> str:
+    """A readable report for a terminal."""
+    lines: list[str] = []
+    arch = r["architecture"] + (f" ({r['variant']})" if r.get("variant") else "")
+    lines.append(f"{r['file']}  [{r['format']}, {_size(r['file_bytes'])}]")
+    lines.append(f"architecture  {arch}" + (f"  (shrunk x{r['shrink_factor']})" if r.get("shrink_factor") else ""))
+    lines.append(f"tensors       {r['tensors']}  ({_size(r['bytes'])})")
+    lines.append("dtypes        " + ", ".join(f"{c} {d['tensors']} ({_size(d['bytes'])})" for c, d in r["dtypes"].items()))
+    if r.get("prediction_type") or r.get("markers"):
+        lines.append(f"prediction    {r.get('prediction_type') or 'not recorded'}" + ("  ztsnr" if r.get("ztsnr") else "")
+                     + (f"  markers: {', '.join(r['markers'])}" if r.get("markers") else ""))
+    lines.append("")
+    lines.append(f"{'component':<16}{'tensors':>9}{'size':>14}  dtypes")
+    for c, t in r["components"].items():
+        lines.append(f"{c:<16}{t['tensors']:>9}{_size(t['bytes']):>14}  {', '.join(f'{k} {v}' for k, v in t['dtypes'].items())}")
+    keys = r["keys"]
+    if keys.get("absent_components"):
+        lines.append(f"absent: {', '.join(keys['absent_components'])}")
+    lines.append("")
+    junk = r["junk"]
+    if junk["tensors"]:
+        lines.append(f"JUNK: {junk['tensors']} tensors wasting {_size(junk['bytes'])} ({junk['bytes']} bytes); `op: prune` removes them")
+        for c, j in junk["categories"].items():
+            ex = ", ".join(j["keys"][:2]) + (" ..." if len(j["keys"]) > 2 else "")
+            lines.append(f"  {c:<18}{j['tensors']:>7}{_size(j['bytes']):>14}  {j['what']}: {ex}")
+    else:
+        lines.append("junk: none")
+    if r.get("scheduler_buffers"):
+        s = r["scheduler_buffers"]
+        lines.append(f"scheduler buffers: {s['tensors']} ({_size(s['bytes'])}), optional")
+    if r.get("precision_waste_bytes"):
+        lines.append(f"precision: {_size(r['precision_waste_bytes'])} would be saved by storing fp32/fp64 tensors as fp16")
+    if keys.get("reference"):
+        lines.append(f"reference keys ({keys['reference']}): {len(keys['missing'])} missing, {len(keys['unexpected'])} unexpected"
+                     + (f", {len(keys['shape_mismatch'])} with wrong shape" if keys.get("shape_mismatch") else ""))
+        for k in keys["missing"][:5]:
+            lines.append(f"  missing {k}")
+        if len(keys["missing"]) > 5:
+            lines.append(f"  ... and {len(keys['missing']) - 5} more (--json lists all)")
+    for k, p in r.get("position_ids", {}).items():
+        if p["ok"]:
+            lines.append(f"position_ids ok ({k})")
+        else:
+            lines.append(f"BROKEN position_ids {k}: {p['dtype']}, wrong at {p['broken'][:12]}{' ...' if len(p['broken']) > 12 else ''}; "
+                         "`op: prune` repairs them")
+    if r.get("non_finite") is None:
+        lines.append("values: not scanned")
+    elif r["non_finite"]:
+        lines.append(f"NON-FINITE values in {len(r['non_finite'])} tensors:")
+        for b in r["non_finite"][:10]:
+            lines.append(f"  {b['key']}: {b['nan']} NaN, {b['inf']} Inf")
+    else:
+        lines.append("values: all finite")
+    if r.get("vae_fingerprint") is not None:
+        lines.append(f"VAE fingerprint {r['vae_fingerprint']}" + (f" ({r['vae_known_as']})" if r.get("vae_known_as") else ""))
+    if r.get("training_state"):
+        lines.append(f"training state ignored: {', '.join(r['training_state'][:8])}")
+    lines.append("")
+    prov = r.get("provenance")
+    if prov:
+        lines.append("provenance: sdbuild recipe embedded (--json shows it)")
+    meta = r.get("metadata") or {}
+    if meta:
+        lines.append(f"metadata ({len(meta)} fields):")
+        for k in sorted(meta):
+            if k == "sdbuild.provenance":
+                continue
+            v = meta[k].replace("\n", " ")
+            lines.append(f"  {k}: {v[:100]}{'...' if len(v) > 100 else ''}")
+    else:
+        lines.append("metadata: none")
+    return "\n".join(lines)

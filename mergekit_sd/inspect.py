@@ -140,7 +140,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
     report["ztsnr"] = "ztsnr" in specs
 
     pos: dict[str, Any] = {}
-    for k in sorted(k for k in specs if is_position_ids(k)):
+    for k in sorted(k for k in specs if is_position_ids(k) and cls.category[k] not in JUNK):
         from .ops.prune import broken_position_ids
 
         t = model.get(k)

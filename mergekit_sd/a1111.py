@@ -549,7 +549,7 @@ def recover_recipe(metadata: Mapping[str, str], file_name: str | None = None) ->
         except ValueError:
             prov = None
         if isinstance(prov, dict) and isinstance(prov.get("recipe"), dict):
-            return _recover_sdbuild(prov, metadata, file_name)
+            return recipe_from_provenance(prov, file_name, metadata.get("sdbuild.content_digest"))
     rec = parse_merge_metadata(metadata)
     if rec is None:
         raise ValueError("no merge recipe in this file's metadata (neither sdbuild provenance nor sd_merge_recipe)")
@@ -569,10 +569,15 @@ def _op_defaults(op: str) -> dict[str, Any] | None:
     return {f.name: (None if f.required else f.default) for f in spec.fields}
 
 
-def _recover_sdbuild(prov: Mapping[str, Any], metadata: Mapping[str, str], file_name: str | None) -> str:
+def recipe_from_provenance(prov: Mapping[str, Any], file_name: str | None = None, digest: str | None = None,
+                           paths: Mapping[str, str] | None = None) -> str:
+    """The recipe embedded in sdbuild provenance, as YAML that rebuilds the same node with the same parameters.
+
+    `paths` overrides input paths (reproduce points them at the files it found); parameters equal to the op's
+    defaults are left out, which loads back to the same normalised parameters and so the same step keys.
+    """
     r = prov["recipe"]
     lines = [f"# Recovered from the sdbuild provenance of {file_name or 'a model file'} (written by {prov.get('tool', 'sdbuild')})."]
-    digest = metadata.get("sdbuild.content_digest")
     if digest:
         lines.append(f"# `sdbuild reproduce` rebuilds it and checks the content digest {digest}.")
     lines.append(f"sdbuild: {int(r.get('sdbuild', 1))}")
@@ -586,7 +591,7 @@ def _recover_sdbuild(prov: Mapping[str, Any], metadata: Mapping[str, str], file_
     lines.append("inputs:")
     for name, e in (r.get("inputs") or {}).items():
         lines.append(f"  {name}:")
-        path = e.get("file") or e.get("path")
+        path = (paths or {}).get(name) or e.get("file") or e.get("path")
         if path:
             lines.append(f"    path: {_scalar(path)}")
         if e.get("sha256"):
@@ -596,13 +601,17 @@ def _recover_sdbuild(prov: Mapping[str, Any], metadata: Mapping[str, str], file_
                 lines.append(f"    {k}: {_scalar(e[k])}")
         if e.get("digest"):
             lines.append(f"    # content digest {e['digest']}")
-    lines.append("steps:" if r.get("steps") else "steps: {}")
-    for name, st in (r.get("steps") or {}).items():
+    steps = r.get("steps") or {}
+    lines.append("steps:" if steps else "steps: {}")
+    for name in _step_order(steps, set(r.get("inputs") or {})):
+        st = steps[name]
         op = st.get("op")
         defaults = _op_defaults(op) or {}
         lines.append(f"  {name}:")
         lines.append(f"    op: {op}")
-        for k, v in st.items():
+        ordered = [k for k in ("model", "models") if k in st] + [k for k in st if k not in ("model", "models")]
+        for k in ordered:
+            v = st[k]
             if k == "op" or v is None:
                 continue
             if k in defaults and defaults[k] is not None and defaults[k] == v and k not in ("models", "model"):
@@ -623,6 +632,25 @@ def _recover_sdbuild(prov: Mapping[str, Any], metadata: Mapping[str, str], file_
             elif isinstance(entry, dict) and "foreign" in entry:
                 lines.append(f"#   {dg}: AUTOMATIC1111/supermerger/kohya metadata")
     return "\n".join(lines) + "\n"
+
+
+def _step_order(steps: Mapping[str, Any], inputs: set[str]) -> list[str]:
+    """Steps with every step they read listed before them (provenance stores them sorted by name)."""
+    from .provenance import _refs_in
+
+    names = set(steps)
+    done: list[str] = []
+
+    def visit(n: str, stack: tuple[str, ...] = ()) -> None:
+        if n in done or n in stack:
+            return
+        for r in _refs_in({k: v for k, v in steps[n].items() if k != "op"}, names - {n}):
+            visit(r, stack + (n,))
+        done.append(n)
+
+    for n in sorted(steps):
+        visit(n)
+    return done
 
 
 def _field_lines(k: str, v: Any, indent: str) -> list[str]:

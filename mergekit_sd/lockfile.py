@@ -85,9 +85,9 @@ def _short(v: str | None) -> str:
 
 
 def lock_path(recipe_path: str | os.PathLike) -> Path:
-    """`recipes/aurora.yaml` -> `recipes/aurora.lock`."""
+    """`recipes/aurora.yaml` -> `recipes/aurora.yaml.lock` (beside the recipe, never confused with another recipe's)."""
     p = Path(recipe_path)
-    return p.with_suffix(".lock") if p.suffix else p.with_name(p.name + ".lock")
+    return p.with_name(p.name + ".lock")
 
 
 def format_lock(lock: Lock, recipe_file: str) -> str:
@@ -174,3 +174,66 @@ def entries_from(inputs: Mapping[str, tuple[str | None, str | None]], outputs: M
     es = [LockEntry("input", n, d, s) for n, (s, d) in inputs.items()]
     es += [LockEntry("output", n, d) for n, d in outputs.items()]
     return Lock.of(es)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# locking a recipe and holding builds to the lock
+
+
+def session_lock(session, targets: list[str] | None = None) -> Lock:
+    """What a session's inputs are now and what its outputs came out as (after `session.build`)."""
+    from .graph import build_order
+
+    order = build_order(session.recipe, session.graph, targets)
+    inputs = {}
+    for n in order:
+        if n in session.recipe.inputs:
+            f = session.input_facts(n)
+            inputs[n] = (f.sha256, f.digest)
+    outputs = {n: session.states[n].digest for n in session.recipe.outputs if n in session.states and session.states[n].digest}
+    return entries_from(inputs, outputs)
+
+
+def lock_recipe(recipe_path: str | os.PathLike, options) -> tuple[Path, Lock]:
+    """Build the recipe (cached steps are not redone) and write RECIPE.lock beside it."""
+    from .executor import Session
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    session = Session(recipe, options)
+    session.build(None)
+    lock = session_lock(session)
+    return write_lock(lock_path(recipe.path), lock, recipe.path.name), lock
+
+
+def check_locked_inputs(session, targets: list[str] | None = None) -> None:
+    """`build --locked`: refuse (exit 2) when any input differs from the lock, naming every one that does."""
+    from .graph import build_order
+
+    path = lock_path(session.recipe.path)
+    locked = read_lock(path)
+    if locked is None:
+        raise UserError(f"--locked, but there is no lock file {path.name}; run `sdbuild lock {session.recipe.path.name}` first",
+                        session.recipe.path.name)
+    order = build_order(session.recipe, session.graph, targets)
+    now = {}
+    for n in order:
+        if n in session.recipe.inputs:
+            f = session.input_facts(n)
+            now[n] = (f.sha256, f.digest)
+    diffs = compare(locked, entries_from(now, {}), "input")
+    if diffs:
+        names = ", ".join(repr(d.name) for d in diffs)
+        raise UserError(f"input(s) {names} differ from {path.name}: " + "; ".join(d.describe() for d in diffs)
+                        + "; restore them or run `sdbuild lock` to accept the change", session.recipe.path.name)
+
+
+def lock_drift(session, outputs: Iterable[str]) -> list[str]:
+    """After a build: outputs (and inputs) that no longer match RECIPE.lock, as messages; [] without a lock."""
+    locked = read_lock(lock_path(session.recipe.path))
+    if locked is None:
+        return []
+    now = session_lock(session, [n for n in outputs if n in session.recipe.outputs] or None)
+    diffs = compare(locked, now, "input") + compare(locked, now, "output")
+    name = lock_path(session.recipe.path).name
+    return [f"{d.describe()} ({name})" for d in diffs]

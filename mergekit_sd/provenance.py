@@ -12,13 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from . import TOOL
+from .a1111 import input_from_metadata, merge_fields
 from .hashing import canonical
 
 SCHEMA_VERSION = 1
 PROVENANCE_KEY = "sdbuild.provenance"
+CONTENT_DIGEST_KEY = "sdbuild.content_digest"
 MODELSPEC_VERSION = "1.0.1"
-A1111_METHODS = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
-SUPERMERGER_MODES = {"weighted_sum": "Weight sum", "add_difference": "Add difference", "triple_sum": "Triple sum", "sum_twice": "sum Twice"}
+# lineage is flattened and de-duplicated by content digest; past this many characters older entries keep only
+# their identity, so even absurdly deep lineages stay far below the 100 MB header limit
+LINEAGE_LIMIT = 4_000_000
+# kohya `ss_*` values longer than this (tag frequencies, dataset folders) are summarised, not copied
+FOREIGN_VALUE_LIMIT = 4096
+FOREIGN_KEYS = ("sd_merge_recipe", "sd_merge_models", "modelspec.title", "modelspec.architecture", "modelspec.author")
 RESOLUTION = {"stable-diffusion-v1": "512x512", "stable-diffusion-v2-512": "512x512", "stable-diffusion-v2-768-v": "768x768",
               "stable-diffusion-xl-v1-base": "1024x1024", "stable-diffusion-xl-v1-refiner": "1024x1024"}
 
@@ -85,6 +91,8 @@ def build_metadata(recipe, node: str, nodes: list[NodeFacts], architecture: str 
 
 def _input_entry(n: NodeFacts) -> dict[str, Any]:
     e: dict[str, Any] = {"file": n.file, "digest": n.digest, "sha256": n.sha256}
+    if n.sha256:
+        e["autov2"] = n.sha256[:10]
     if n.legacy_hash:
         e["legacy_hash"] = n.legacy_hash
     e.update(dict(n.credits))
@@ -92,62 +100,71 @@ def _input_entry(n: NodeFacts) -> dict[str, Any]:
 
 
 def lineage_of(nodes: list[NodeFacts]) -> dict[str, Any]:
-    """Provenance carried by inputs (earlier generations), de-duplicated by content digest."""
+    """Provenance of earlier generations, flattened into one table keyed by content digest.
+
+    An input with sdbuild provenance contributes its own entry (recipe subgraph, node, versions) and its own
+    lineage table; an input with AUTOMATIC1111, supermerger or kohya metadata contributes those fields. Entries
+    refer to their inputs by digest, so the tree is rebuilt from the table; a shared ancestor appears once.
+    """
     out: dict[str, Any] = {}
+    nested: list[dict[str, Any]] = []
     for n in nodes:
-        if n.kind != "input":
+        if n.kind != "input" or n.digest in out:
             continue
         meta = n.metadata or {}
-        if PROVENANCE_KEY in meta:
-            try:
-                out[n.digest] = json.loads(meta[PROVENANCE_KEY])
-            except ValueError:
-                out[n.digest] = {"unparsed": True}
-        elif "sd_merge_recipe" in meta or any(k.startswith("ss_") for k in meta):
-            out[n.digest] = {"foreign": {k: v for k, v in sorted(meta.items()) if k in ("sd_merge_recipe", "sd_merge_models") or k.startswith("ss_")}}
+        entry = lineage_entry(meta)
+        if entry is None:
+            continue
+        out[n.digest] = entry
+        prov = read_provenance(meta)
+        if prov and isinstance(prov.get("lineage"), dict):
+            nested.append(prov["lineage"])
+    for table in nested:
+        for digest, entry in table.items():
+            out.setdefault(digest, entry)
+    return _limit(out)
+
+
+def lineage_entry(meta: Mapping[str, str]) -> dict[str, Any] | None:
+    """What one ancestor file contributes to lineage, or None when it carries no provenance at all."""
+    prov = read_provenance(meta)
+    if prov is not None:
+        entry = {k: prov[k] for k in ("schema", "tool", "node", "recipe", "nodes") if k in prov}
+        if prov.get("facts"):
+            entry["facts"] = prov["facts"]
+        return entry
+    if PROVENANCE_KEY in meta:
+        return {"unparsed": True}
+    foreign = {k: v for k, v in sorted(meta.items()) if k in FOREIGN_KEYS or k.startswith("ss_") or k.startswith("sshs_")}
+    if not any(k in meta for k in ("sd_merge_recipe", "sd_merge_models")) and not any(k.startswith("ss_") for k in meta):
+        return None
+    for k, v in list(foreign.items()):
+        if len(v) > FOREIGN_VALUE_LIMIT and k.startswith("ss_"):
+            foreign[k] = f"<{len(v)} characters omitted>"
+    return {"foreign": foreign}
+
+
+def _limit(table: dict[str, Any]) -> dict[str, Any]:
+    size = 0
+    out: dict[str, Any] = {}
+    for digest, entry in table.items():
+        text = canonical(entry)
+        if size + len(text) > LINEAGE_LIMIT:
+            out[digest] = {"omitted": "lineage size limit"}
+            continue
+        size += len(text)
+        out[digest] = entry
     return out
 
 
 def a1111_fields(me: NodeFacts, by: Mapping[str, NodeFacts]) -> dict[str, str]:
+    """AUTOMATIC1111's `sd_merge_recipe` / `sd_merge_models` for a step (FORMATS.md §4.2/§4.3)."""
     if me.kind != "step":
         return {}
     refs = [by[r] for r in me.refs if r in by]
-    shas = [r.sha256 for r in refs]
-    models = {}
-    for r in refs:
-        if r.sha256:
-            models[r.sha256] = {"name": r.file or f"{r.name}.safetensors", "legacy_hash": r.legacy_hash or "", "sd_merge_recipe": _nested_recipe(r)}
-    alpha = me.params.get("alpha")
-    recipe: dict[str, Any]
-    if me.op in A1111_METHODS and isinstance(alpha, (int, float)):
-        recipe = {
-            "type": "webui",
-            "primary_model_hash": shas[0] if shas else None,
-            "secondary_model_hash": shas[1] if len(shas) > 1 else None,
-            "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
-            "interp_method": A1111_METHODS[me.op],
-            "multiplier": alpha,
-            "save_as_half": me.params.get("dtype") == "fp16",
-            "custom_name": me.name,
-            "config_source": 0,
-            "bake_in_vae": "None",
-            "discard_weights": "",
-            "is_inpainting": False,
-            "is_instruct_pix2pix": False,
-        }
-    else:
-        recipe = {"type": "sdbuild", "op": me.op, "models": shas, "params": {k: v for k, v in me.params.items() if k not in ("models", "model")}}
-    return {"sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
-
-
-def _nested_recipe(n: NodeFacts) -> Any:
-    raw = (n.metadata or {}).get("sd_merge_recipe")
-    if raw and raw.startswith("{"):
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return None
-    return None
+    inputs = [input_from_metadata(r.sha256, r.file or f"{r.name}.safetensors", r.legacy_hash, r.metadata) for r in refs]
+    params = {k: v for k, v in me.params.items() if k not in ("models", "model")}
+    return merge_fields(me.op or "", params, inputs, custom_name=me.name)
 
 
 def modelspec_fields(recipe, node: str, nodes: list[NodeFacts], architecture: str | None, output_kind: str) -> dict[str, str]:
@@ -176,10 +193,123 @@ def modelspec_fields(recipe, node: str, nodes: list[NodeFacts], architecture: st
 
 
 def read_provenance(metadata: Mapping[str, str]) -> dict | None:
+    """The decoded `sdbuild.provenance` of a file, or None when it has none (or it is not JSON)."""
     raw = metadata.get(PROVENANCE_KEY)
     if not raw:
         return None
     try:
-        return json.loads(raw)
+        prov = json.loads(raw)
     except ValueError:
         return None
+    return prov if isinstance(prov, dict) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the lineage tree (`sdbuild inspect --tree`)
+
+
+def lineage_lines(metadata: Mapping[str, str], file_name: str) -> list[str]:
+    """An indented tree: the node's steps, their inputs, and every earlier generation recorded in lineage."""
+    prov = read_provenance(metadata)
+    digest = metadata.get(CONTENT_DIGEST_KEY)
+    head = f"{file_name}" + (f"  [digest {digest[:16]}]" if digest else "")
+    lines = [head]
+    if prov is not None:
+        table = prov.get("lineage") or {}
+        _render_prov(prov, lines, "", table, set())
+        return lines
+    entry = lineage_entry(metadata)
+    if entry is None:
+        lines.append("└─ (no provenance: neither sdbuild nor AUTOMATIC1111/supermerger/kohya metadata)")
+    else:
+        _render_foreign(entry["foreign"], lines, "")
+    return lines
+
+
+def _refs_in(value: Any, names: set[str]) -> list[str]:
+    out: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str) and v in names and v not in out:
+            out.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(value)
+    return out
+
+
+def _short_params(params: Mapping[str, Any]) -> str:
+    bits = []
+    for k, v in params.items():
+        if k in ("models", "model", "op") or v is None:
+            continue
+        if isinstance(v, bool) or isinstance(v, (int, float, str)):
+            bits.append(f"{k} {v}")
+        elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+            bits.append(f"{k} [{len(v)} block weights]")
+    return ", ".join(bits)
+
+
+def _render_prov(prov: Mapping[str, Any], lines: list[str], prefix: str, table: Mapping[str, Any], seen: set[str]) -> None:
+    recipe = prov.get("recipe") or {}
+    inputs = recipe.get("inputs") or {}
+    steps = recipe.get("steps") or {}
+    names = set(inputs) | set(steps)
+    node = prov.get("node")
+    lines.append(f"{prefix}└─ recipe {recipe.get('name')!r}, node {node!r} ({prov.get('tool', 'sdbuild')})")
+    _render_node(node, inputs, steps, names, lines, prefix + "   ", table, seen, last=True, top=True)
+
+
+def _render_node(name: str, inputs: Mapping, steps: Mapping, names: set[str], lines: list[str], prefix: str,
+                 table: Mapping[str, Any], seen: set[str], last: bool, top: bool = False) -> None:
+    branch = "└─ " if last else "├─ "
+    child_prefix = prefix + ("   " if last else "│  ")
+    if name in steps:
+        st = steps[name]
+        params = _short_params(st)
+        lines.append(f"{prefix}{branch}{name} = {st.get('op')}" + (f" ({params})" if params else ""))
+        refs = _refs_in({k: v for k, v in st.items() if k != "op"}, names - {name})
+        for i, r in enumerate(refs):
+            _render_node(r, inputs, steps, names, lines, child_prefix, table, seen, last=i == len(refs) - 1)
+        return
+    e = inputs.get(name) or {}
+    d = e.get("digest") or ""
+    credit = f", by {e['author']}" if e.get("author") else ""
+    lines.append(f"{prefix}{branch}{name}: {e.get('file')}  [digest {d[:16]}, sha256 {(e.get('sha256') or '')[:10]}{credit}]")
+    entry = table.get(d)
+    if entry is None:
+        return
+    if d in seen:
+        lines.append(f"{child_prefix}└─ (lineage shown above)")
+        return
+    seen.add(d)
+    if "recipe" in entry:
+        _render_prov(entry, lines, child_prefix, table, seen)
+    elif "foreign" in entry:
+        _render_foreign(entry["foreign"], lines, child_prefix)
+    else:
+        lines.append(f"{child_prefix}└─ (lineage {', '.join(sorted(entry))})")
+
+
+def _render_foreign(foreign: Mapping[str, str], lines: list[str], prefix: str) -> None:
+    from .a1111 import parse_merge_metadata
+
+    rec = parse_merge_metadata(foreign)
+    if rec is None:
+        kohya = foreign.get("ss_output_name") or foreign.get("ss_sd_model_name")
+        what = f"kohya training metadata ({kohya})" if kohya else "foreign metadata without a merge recipe"
+        lines.append(f"{prefix}└─ {what}")
+        return
+    params = _short_params(rec.params)
+    lines.append(f"{prefix}└─ {rec.flavour} merge: {rec.op or 'no interpolation'}" + (f" ({params})" if params else ""))
+    sub = prefix + "   "
+    for i, m in enumerate(rec.models):
+        branch = "└─ " if i == len(rec.models) - 1 and not rec.ancestry else "├─ "
+        lines.append(f"{sub}{branch}{m.name or '?'}  [sha256 {(m.sha256 or '')[:10]}{', legacy ' + m.legacy_hash if m.legacy_hash else ''}]")
+    if rec.ancestry:
+        lines.append(f"{sub}└─ earlier: " + ", ".join(f"{(r.name or '?')} [{sha[:10]}]" for sha, r in sorted(rec.ancestry.items())))

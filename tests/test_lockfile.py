@@ -30,7 +30,7 @@ def test_format_is_sorted_one_line_per_entry():
 
 
 def test_round_trip_and_file_io(tmp_path: Path):
-    p = write_lock(tmp_path / "mix.lock", _lock(), "mix.yaml")
+    p = write_lock(tmp_path / "mix.yaml.lock", _lock(), "mix.yaml")
     assert read_lock(p) == _lock()
     assert parse_lock(p.read_text()) == _lock()
     assert read_lock(tmp_path / "none.lock") is None
@@ -38,8 +38,8 @@ def test_round_trip_and_file_io(tmp_path: Path):
 
 
 def test_lock_path_sits_beside_the_recipe():
-    assert lock_path("recipes/aurora.yaml") == Path("recipes/aurora.lock")
-    assert lock_path("recipes/aurora") == Path("recipes/aurora.lock")
+    assert lock_path("recipes/aurora.yaml") == Path("recipes/aurora.yaml.lock")
+    assert lock_path("recipes/aurora.yml") == Path("recipes/aurora.yml.lock")
 
 
 @pytest.mark.parametrize("line,msg", [
@@ -51,8 +51,8 @@ def test_lock_path_sits_beside_the_recipe():
 ])
 def test_bad_lines_are_user_errors_with_line_numbers(line, msg):
     with pytest.raises(UserError, match=msg) as e:
-        parse_lock(f"# header\n{line}\n", "mix.lock")
-    assert str(e.value).startswith("mix.lock:2: ")
+        parse_lock(f"# header\n{line}\n", "mix.yaml.lock")
+    assert str(e.value).startswith("mix.yaml.lock:2: ")
 
 
 def test_duplicates_rejected():

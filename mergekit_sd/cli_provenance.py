@@ -1,0 +1,130 @@
+"""Subcommands that replay and record provenance: reproduce, recipe, hash, lock, inspect --tree, build --locked.
+
+Argument parsing and printing only; each command calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import cli
+from .errors import UserError
+
+
+def _cache(args: argparse.Namespace) -> Path:
+    return args.cache_dir or Path(os.environ.get("SDBUILD_CACHE") or "cache")
+
+
+def _parsers(sub) -> None:
+    r = sub.add_parser("reproduce", help="rebuild a model from its embedded recipe and verify it is identical")
+    r.add_argument("file", type=Path)
+    r.add_argument("--models", type=Path, action="append", default=[], help="folder to find inputs in by digest or sha256 (repeatable)")
+    r.add_argument("--cache-dir", type=Path, default=None, help="cache whose memo database indexes the folders")
+    r.add_argument("--keep", type=Path, default=None, help="keep the scratch build in this folder")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--json", action="store_true")
+    cli._common(r)
+
+    rc = sub.add_parser("recipe", help="recover a runnable recipe from a model's metadata (sdbuild, AUTOMATIC1111, supermerger)")
+    rc.add_argument("file", type=Path)
+    rc.add_argument("-o", "--output", type=Path, default=None, help="write the recipe here instead of printing it")
+    cli._common(rc)
+
+    h = sub.add_parser("hash", help="file sha256, AutoV2, legacy hash and content digest (memoised)")
+    h.add_argument("file", type=Path)
+    h.add_argument("--cache-dir", type=Path, default=None)
+    h.add_argument("--json", action="store_true")
+    cli._common(h)
+
+    lk = sub.add_parser("lock", help="build, then write RECIPE.lock with input and output digests")
+    cli._build_opts(lk)
+    lk.add_argument("--device", default="cpu")
+    cli._common(lk)
+
+
+@cli.command("reproduce")
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    rep = reproduce(args.file, list(args.models), _cache(args), keep=args.keep, device=args.device)
+    if args.json:
+        print(json.dumps(rep.as_json(), indent=2, sort_keys=True))
+    elif not args.quiet:
+        for note in rep.notes:
+            print(f"note: {note}", file=sys.stderr)
+        same = "identical bytes" if rep.same_bytes else "identical tensors (metadata differs)"
+        print(f"{rep.file}: reproduced node {rep.node!r}: {same}, content digest {rep.rebuilt_digest}")
+    return 0
+
+
+@cli.command("recipe")
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from .a1111 import recover_recipe
+    from .reproduce import read_metadata
+
+    try:
+        text = recover_recipe(read_metadata(args.file), args.file.name)
+    except ValueError as e:
+        raise UserError(str(e), str(args.file)) from None
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+        if not args.quiet:
+            print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+@cli.command("hash")
+def cmd_hash(args: argparse.Namespace) -> int:
+    from .reproduce import hash_file
+
+    h = hash_file(args.file, _cache(args))
+    if args.json:
+        print(json.dumps(h, indent=2, sort_keys=True))
+    else:
+        for k in ("sha256", "autov2", "legacy_hash", "content_digest"):
+            print(f"{k:<15} {h[k]}")
+    return 0
+
+
+@cli.command("lock")
+def cmd_lock(args: argparse.Namespace) -> int:
+    from .lockfile import lock_recipe
+
+    path, lock = lock_recipe(args.recipe, cli._options(args))
+    if not args.quiet:
+        print(f"wrote {path} ({len(lock.of_kind('input'))} inputs, {len(lock.of_kind('output'))} outputs)", file=sys.stderr)
+    return 0
+
+
+def inspect_tree(args: argparse.Namespace) -> int:
+    from .reproduce import lineage_tree
+
+    sys.stdout.write(lineage_tree(args.file))
+    return 0
+
+
+def before_build(session, args: argparse.Namespace) -> None:
+    if getattr(args, "locked", False):
+        from .lockfile import check_locked_inputs
+
+        check_locked_inputs(session, args.nodes or None)
+
+
+def after_build(session, args: argparse.Namespace, result) -> None:
+    from .lockfile import lock_drift
+
+    for msg in lock_drift(session, list(result.outputs) or list(session.recipe.outputs)):
+        session.progress.warn(msg)
+        result.warnings.append(msg)
+
+
+cli.EXTRA_PARSERS.append(_parsers)
+cli.HOOKS.setdefault("before_build", []).append(before_build)
+cli.HOOKS.setdefault("after_build", []).append(after_build)
+cli.HOOKS.setdefault("inspect_tree", []).append(inspect_tree)

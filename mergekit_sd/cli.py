@@ -219,7 +219,7 @@ def _load_plugins() -> None:
             pass
 
 
-CLI_MODULES: list[str] = []
+CLI_MODULES: list[str] = ["mergekit_sd.cli_provenance"]
 
 
 def main(argv: list[str] | None = None) -> int:

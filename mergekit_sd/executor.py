@@ -97,6 +97,9 @@ class Session:
         self.keys: dict[str, tuple[str, str]] = {}  # step -> (object key, compute key)
         self._paths: dict[str, Path] = {}
         self.device = _device(options.device)
+        if self.device.type == "cpu" and (os.cpu_count() or 1) > 1:
+            # the writer thread hashes and writes while this thread computes: leave it a core
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 

@@ -264,6 +264,7 @@ class WriteResult:
         self.size = size
 
 
+SYNC_EVERY = 256 << 20
 CONTENT_DIGEST_KEY = "sdbuild.content_digest"
 BUFFER_SHA_KEY = "modelspec.hash_sha256"
 _PLACEHOLDERS = {CONTENT_DIGEST_KEY: "0" * 32, BUFFER_SHA_KEY: "0x" + "0" * 64}
@@ -301,6 +302,7 @@ def write_model(
     sha = hashlib.sha256()
     q: queue.Queue = queue.Queue(maxsize=3)
     failure: list[BaseException] = []
+    pending = [0]
 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hbytes)))
@@ -319,6 +321,11 @@ def write_model(
                     digests[name] = h.digest()
                     sha.update(data)
                     f.write(data)
+                    pending[0] += len(data)
+                    if pending[0] >= SYNC_EVERY:  # write back while computing, so the final fsync is short
+                        f.flush()
+                        os.fdatasync(f.fileno())
+                        pending[0] = 0
             except BaseException as e:  # surfaced on the producing thread
                 failure.append(e)
                 while q.get() is not None:

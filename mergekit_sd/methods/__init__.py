@@ -51,6 +51,8 @@ class Method:
     doc: str = ""
     # a method whose first model is the base that every other model is compared with (deltas, TIES, ...)
     uses_base: bool = False
+    # element i of the result depends only on element i of the inputs: the kernel may run it on chunks
+    elementwise: bool = False
 
     def param(self, name: str) -> MethodParam | None:
         for p in self.params:
@@ -71,6 +73,7 @@ def merge_method(
     prepare: Callable | None = None,
     docs: dict[str, str] | None = None,
     uses_base: bool = False,
+    elementwise: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register a merge method; see the module docstring for how the signature is read."""
 
@@ -110,6 +113,7 @@ def merge_method(
             model_names=tuple(model_names),
             doc=(inspect.getdoc(fn) or "").split("\n\n")[0],
             uses_base=uses_base,
+            elementwise=elementwise,
         )
         return fn
 

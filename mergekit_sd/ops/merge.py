@@ -8,6 +8,7 @@ result fails the step naming the tensor.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -45,8 +46,32 @@ def dim1_compatible(a: tuple, b: tuple) -> bool:
 
 
 def check_finite(t: torch.Tensor, key: str, step: str) -> None:
-    if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
-        raise StepError(f"step {step!r}: tensor {key!r} has NaN or Inf values after merging; check the inputs and weights")
+    """NaN/Inf anywhere makes the fp32 sum non-finite: one cheap reduction, the exact test only on suspicion."""
+    if not t.dtype.is_floating_point or not t.numel():
+        return
+    if math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all()):
+        return
+    raise StepError(f"step {step!r}: tensor {key!r} has NaN or Inf values after merging (or overflows the output dtype); "
+                    "check the inputs and weights")
+
+
+CHUNK = 1 << 20
+
+
+def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.Tensor, bool]:
+    """Evaluate an elementwise method over cache-sized chunks: fp32 math, one rounding, no whole-tensor temporaries."""
+    shape = natives[0].shape
+    flats = [t.reshape(-1) for t in natives]
+    out = torch.empty(flats[0].numel(), dtype=out_dtype, device=device)
+    finite = True
+    for s in range(0, out.numel(), CHUNK):
+        e = min(s + CHUNK, out.numel())
+        piece = out[s:e]
+        piece.copy_(fn(*[f[s:e].to(device=device, dtype=torch.float32) for f in flats], **kwargs))
+        if finite and out_dtype.is_floating_point:  # while the chunk is still in cache
+            finite = math.isfinite(float(piece.sum(dtype=torch.float32)))
+    return out.reshape(shape), finite
 
 
 def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyModel:
@@ -110,13 +135,18 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         if how.startswith("copy:"):
             t = inputs[int(how[5:])].get(key)
             return t if t.dtype == spec.dtype else t.to(spec.dtype)
-        tensors = [m.get(key).to(device=device, dtype=torch.float32) for m in inputs]
         kwargs: dict[str, Any] = {name: fn(key) for name, fn in weight_fns.items()}
         kwargs.update(plain)
         if "key" in method.engine_kwargs:
             kwargs["key"] = key
         if "context" in method.engine_kwargs:
             kwargs["context"] = context
+        if how == "merge" and method.elementwise:
+            out, finite = run_elementwise(method.fn, [m.get(key) for m in inputs], kwargs, spec.dtype, device)
+            if not finite:
+                check_finite(out, key, ctx.step)
+            return out.cpu().contiguous()
+        tensors = [m.get(key).to(device=device, dtype=torch.float32) for m in inputs]
         if how == "dim1":
             base = tensors[0]
             width = min(t.shape[1] for t in tensors[1:])
@@ -125,8 +155,9 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
             out[:, :width] = head
         else:
             out = method.fn(*tensors, **kwargs)
+        out = out.to(device="cpu", dtype=spec.dtype).contiguous()
         check_finite(out, key, ctx.step)
-        return out.to(device="cpu", dtype=spec.dtype).contiguous()
+        return out
 
     info = dict(first.info)
     prov: dict[str, Any] = {"method": method.name, "formula": method.formula}

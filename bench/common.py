@@ -1,0 +1,53 @@
+"""Benchmark helpers: run a command as a child process and report its wall time and its own peak RSS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(argv: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GiB) of one child process; fails loudly if the command fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env or os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n{err}")
+    return wall, usage.ru_maxrss / (1024 * 1024)
+
+
+def sdbuild(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mergekit_sd", *args]
+
+
+def warm(*paths: Path) -> None:
+    """Read files once so the page cache is warm (the benchmark compares compute, not disk)."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def report(name: str, value: float, unit: str = "") -> None:
+    print(f"{name}: {value:.3f}{(' ' + unit) if unit else ''}", flush=True)
+
+
+def ensure_models(work: Path, count: int, arch: str = "sd1", factor: int = 1) -> list[Path]:
+    from mergekit_sd.synth import write_synth
+
+    paths = []
+    for i in range(count):
+        p = work / f"{arch}-f{factor}-{i}.safetensors"
+        if not p.exists():
+            print(f"writing synthetic model {p.name} ...", file=sys.stderr, flush=True)
+            write_synth(p, arch, factor, "fp16", seed=i + 1)
+        paths.append(p)
+    return paths

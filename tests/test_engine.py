@@ -340,3 +340,38 @@ def test_non_finite_result_fails_the_step(tmp_path, sdbuild):
     r = sdbuild(rp)
     assert r.code == 1 and "model.diffusion_model.w" in r.err and "Traceback" not in r.err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_metadata_only_change_reuses_tensors(tmp_path, model_dir):
+    from mergekit_sd.methods import METHODS
+
+    body = f"""
+        sdbuild: 1
+        card: {{title: TITLE}}
+        inputs: {{A: {model_dir}/a.safetensors, B: {model_dir}/b.safetensors}}
+        steps:
+          m: {{op: weighted_sum, models: [A, B], alpha: 0.5}}
+        outputs: {{m: m.safetensors}}
+        """
+    rp = write_recipe(tmp_path, body.replace("TITLE", "First"))
+    cache = tmp_path / "cache"
+    _session(rp, cache).build()
+    before = load_file(str(tmp_path / "m.safetensors"))
+    write_recipe(tmp_path, body.replace("TITLE", "Second"))
+    s = _session(rp, cache)
+    assert [n.reason for n in s.plan() if n.name == "m"] == ["metadata changed (tensors reused)"]
+    method = METHODS["weighted_sum"]
+    original = method.fn
+
+    def refuse(*a, **k):
+        raise AssertionError("tensors were recomputed")
+
+    object.__setattr__(method, "fn", refuse)
+    try:
+        assert s.build().built == ["m"]
+    finally:
+        object.__setattr__(method, "fn", original)
+    after = load_file(str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.title"] == "Second"

@@ -69,6 +69,17 @@ def vae_fingerprint(model: LazyModel, vae_keys: list[str]) -> int | None:
     return n
 
 
+def _kind(arch: str, specs) -> str:
+    if arch == "vae":
+        return "vae"
+    if arch != "unknown":
+        return "checkpoint"
+    marks = ("lora", "hada_w", "lokr_w", "oft_", ".diff", ".on_input", ".weight_norm", "dora_scale")
+    if any(any(m in k.lower() for m in marks) for k in specs):
+        return "lora"
+    return "unknown"
+
+
 def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
     """The report behind `sdbuild inspect FILE [--json]`; tensors are read (one at a time) only when `scan`."""
     p = Path(path)
@@ -81,6 +92,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         "format": "ckpt" if model.info.get("format") == "ckpt" else "safetensors",
         "file_bytes": p.stat().st_size,
         "architecture": arch.name,
+        "kind": _kind(arch.name, specs),
         "variant": arch.variant,
         "modelspec_architecture": arch.modelspec,
         "tensors": len(specs),
@@ -106,7 +118,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         v.sort()
     report["components"] = {c: _tally(model, by_cat[c]) for c in COMPONENTS if c in by_cat}
     junk_cats = {}
-    for c in JUNK:
+    for c in JUNK if arch.name != "unknown" else ():  # no reference for a LoRA or an unknown file: nothing is junk
         if c in by_cat:
             t = _tally(model, by_cat[c])
             junk_cats[c] = {"tensors": t["tensors"], "bytes": t["bytes"], "what": CATEGORY_DOC[c], "keys": by_cat[c]}
@@ -116,9 +128,9 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         t = _tally(model, by_cat["scheduler"])
         report["scheduler_buffers"] = {"tensors": t["tensors"], "bytes": t["bytes"]}
     report["keys"] = {
-        "reference": arch.reference,
+        "reference": arch.reference or ("sd1-vae" if arch.name == "vae" and arch.variant is None else None),
         "missing": cls.missing,
-        "unexpected": by_cat.get("unknown", []),
+        "unexpected": by_cat.get("unknown", []) if arch.name != "unknown" else [],
         "shape_mismatch": cls.shape_mismatch,
         "absent_components": cls.absent_components,
     }
@@ -192,7 +204,8 @@ def format_inspect(r: dict[str, Any]) -> str:
     lines: list[str] = []
     arch = r["architecture"] + (f" ({r['variant']})" if r.get("variant") else "")
     lines.append(f"{r['file']}  [{r['format']}, {_size(r['file_bytes'])}]")
-    lines.append(f"architecture  {arch}" + (f"  (shrunk x{r['shrink_factor']})" if r.get("shrink_factor") else ""))
+    lines.append(f"architecture  {arch}" + (f"  (shrunk x{r['shrink_factor']})" if r.get("shrink_factor") else "")
+                 + (f"  [{r['kind']}]" if r.get("kind") not in (None, "checkpoint", r["architecture"]) else ""))
     lines.append(f"tensors       {r['tensors']}  ({_size(r['bytes'])})")
     lines.append("dtypes        " + ", ".join(f"{c} {d['tensors']} ({_size(d['bytes'])})" for c, d in r["dtypes"].items()))
     if r.get("prediction_type") or r.get("markers"):

@@ -113,3 +113,28 @@ def test_provenance_of_a_built_file_is_parsed(tmp_path, sdbuild, model_dir):
     assert sdbuild("build", rec, "-q").code == 0
     rep = json.loads(sdbuild("inspect", tmp_path / "p.safetensors", "--json").out)
     assert isinstance(rep["provenance"], dict) and rep["provenance"]["facts"]["p"]["prune"]["removed_total"] == {"tensors": 0, "bytes": 0}
+
+
+def test_a_lora_file_is_not_called_junk(tmp_path):
+    from mergekit_sd.lora.synth import write_synth_lora
+
+    p = write_synth_lora(tmp_path / "l.safetensors", "sd1", "lora")
+    rep = inspect_model(p, scan=False)
+    assert rep["kind"] == "lora" and rep["architecture"] == "unknown"
+    assert rep["junk"]["tensors"] == 0 and rep["keys"]["unexpected"] == []
+
+
+def test_standalone_vae_files(tmp_path):
+    from mergekit_sd.synth import synth_vae_tensors
+
+    v = synth_vae_tensors(32, "fp32", 7)
+    del v["decoder.conv_out.bias"]
+    v["model_ema.decay"] = torch.tensor(0.999)
+    save_file(v, str(tmp_path / "v.safetensors"))
+    rep = inspect_model(tmp_path / "v.safetensors")
+    assert rep["kind"] == "vae" and rep["components"]["vae"]["tensors"] == 247
+    assert rep["keys"]["missing"] == ["decoder.conv_out.bias"]
+    assert rep["junk"]["categories"]["ema"]["bytes"] == 4
+    save_file(synth_vae_tensors(32, "fp16", 7, "diffusers"), str(tmp_path / "d.safetensors"))
+    rep = inspect_model(tmp_path / "d.safetensors", scan=False)
+    assert rep["variant"] == "diffusers" and rep["components"]["vae"]["tensors"] == 248 and rep["junk"]["tensors"] == 0

@@ -144,6 +144,11 @@ def _junk_kind(key: str, arch: str) -> str | None:
 def classify(specs: Mapping[str, TensorSpec], arch: ArchGuess | None = None) -> Classification:
     arch = arch or guess_arch(specs)
     out = Classification(arch)
+    if arch.name == "unknown":  # not a checkpoint (a LoRA, an embedding, ...): nothing to call junk
+        out.category = {k: "unknown" for k in specs}
+        return out
+    if arch.name == "vae":
+        return _classify_vae(specs, out)
     prefixes = PREFIXES.get(arch.name, {})
     ref = reference_keys(arch.reference) if arch.reference in REFERENCE_FILES else None
     for key, spec in specs.items():
@@ -180,6 +185,32 @@ def classify(specs: Mapping[str, TensorSpec], arch: ArchGuess | None = None) -> 
         present = set(out.category.values())
         out.absent_components = [c for c in prefixes if c not in present]
     out.missing.sort()
+    out.shape_mismatch.sort()
+    return out
+
+
+def _classify_vae(specs: Mapping[str, TensorSpec], out: Classification) -> Classification:
+    """A standalone VAE file in LDM naming is checked against the reference VAE list (diffusers layout by prefix only)."""
+    ref = {k[len(VAE):]: e for k, e in reference_keys("sd1").items() if e["component"] == "vae"}
+    diffusers = any(".down_blocks." in k or ".up_blocks." in k for k in specs)
+    if diffusers:
+        out.arch.variant = "diffusers"
+    conv = specs.get("encoder.conv_in.weight")
+    if conv is not None and len(conv.shape) == 4 and conv.shape[0] and 128 % conv.shape[0] == 0:
+        out.arch.factor = 128 // conv.shape[0]
+    for key, spec in specs.items():
+        if key.startswith("model_ema."):
+            out.category[key] = "ema"
+        elif diffusers:
+            out.category[key] = "vae" if key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) else "unknown"
+        elif key in ref and shape_compatible(key, spec.shape, ref[key]["shape"], out.arch):
+            out.category[key] = "vae"
+        else:
+            out.category[key] = "unknown"
+            if key in ref:
+                out.shape_mismatch.append(key)
+    if not diffusers:
+        out.missing = sorted(k for k in ref if k not in specs)
     out.shape_mismatch.sort()
     return out
 

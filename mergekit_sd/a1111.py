@@ -535,25 +535,40 @@ CARD_KEYS = ("title", "author", "description", "license", "usage_hint", "tags", 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
-def recover_recipe(metadata: Mapping[str, str], file_name: str | None = None) -> str:
+def recover_recipe(metadata: Mapping[str, str], file_name: str | None = None, actual_digest: str | None = None) -> str:
     """Runnable YAML (recipe format 1) that remakes the model these metadata describe.
 
     sdbuild provenance is replayed exactly; AUTOMATIC1111 and supermerger recipes as closely as their fields
-    allow, with a comment for everything that could not be mapped. Raises ValueError when there is nothing to
-    recover.
+    allow, with a comment for everything that could not be mapped. `actual_digest` (the file's content digest)
+    unmasks sdbuild provenance that another tool copied from a parent (AUTOMATIC1111's "copy metadata fields"):
+    it then describes an ancestor, not this file. Raises ValueError when there is nothing to recover.
     """
-    raw = metadata.get(PROVENANCE_KEY)
-    if raw:
-        try:
-            prov = json.loads(raw)
-        except ValueError:
-            prov = None
-        if isinstance(prov, dict) and isinstance(prov.get("recipe"), dict):
-            return recipe_from_provenance(prov, file_name, metadata.get("sdbuild.content_digest"))
+    prov = _provenance(metadata)
+    recorded = metadata.get("sdbuild.content_digest")
+    inherited = prov is not None and actual_digest is not None and recorded is not None and recorded != actual_digest
+    if prov is not None and not inherited:
+        return recipe_from_provenance(prov, file_name, recorded)
     rec = parse_merge_metadata(metadata)
     if rec is None:
+        if inherited:
+            raise ValueError(f"this file's tensors (digest {actual_digest}) are not the ones its sdbuild provenance describes "
+                             f"(digest {recorded}): the metadata was copied from a parent or the file was altered")
         raise ValueError("no merge recipe in this file's metadata (neither sdbuild provenance nor sd_merge_recipe)")
+    if inherited and prov is not None:
+        rec.notes.append(f"the file also carries sdbuild provenance of an ancestor (recipe {prov['recipe'].get('name')!r}, node "
+                         f"{prov.get('node')!r}, digest {recorded}), copied by the tool that made this merge")
     return _recover_foreign(rec, metadata, file_name)
+
+
+def _provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    raw = metadata.get(PROVENANCE_KEY)
+    if not raw:
+        return None
+    try:
+        prov = json.loads(raw)
+    except ValueError:
+        return None
+    return prov if isinstance(prov, dict) and isinstance(prov.get("recipe"), dict) else None
 
 
 def _op_defaults(op: str) -> dict[str, Any] | None:

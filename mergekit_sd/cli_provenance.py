@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from . import cli
-from .errors import UserError
 
 
 def _cache(args: argparse.Namespace) -> Path:
@@ -32,6 +31,7 @@ def _parsers(sub) -> None:
     rc = sub.add_parser("recipe", help="recover a runnable recipe from a model's metadata (sdbuild, AUTOMATIC1111, supermerger)")
     rc.add_argument("file", type=Path)
     rc.add_argument("-o", "--output", type=Path, default=None, help="write the recipe here instead of printing it")
+    rc.add_argument("--cache-dir", type=Path, default=None, help="cache whose memo database holds file digests")
     cli._common(rc)
 
     h = sub.add_parser("hash", help="file sha256, AutoV2, legacy hash and content digest (memoised)")
@@ -63,13 +63,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 @cli.command("recipe")
 def cmd_recipe(args: argparse.Namespace) -> int:
-    from .a1111 import recover_recipe
-    from .reproduce import read_metadata
+    from .reproduce import recipe_for_file
 
-    try:
-        text = recover_recipe(read_metadata(args.file), args.file.name)
-    except ValueError as e:
-        raise UserError(str(e), str(args.file)) from None
+    text = recipe_for_file(args.file, _cache(args))
     if args.output:
         args.output.write_text(text, encoding="utf-8")
         if not args.quiet:

@@ -105,6 +105,8 @@ def lineage_of(nodes: list[NodeFacts]) -> dict[str, Any]:
     An input with sdbuild provenance contributes its own entry (recipe subgraph, node, versions) and its own
     lineage table; an input with AUTOMATIC1111, supermerger or kohya metadata contributes those fields. Entries
     refer to their inputs by digest, so the tree is rebuilt from the table; a shared ancestor appears once.
+    sdbuild provenance whose recorded digest is not the file's (another tool copied a parent's metadata) is
+    filed under the digest it records, as the ancestor it describes.
     """
     out: dict[str, Any] = {}
     nested: list[dict[str, Any]] = []
@@ -112,11 +114,18 @@ def lineage_of(nodes: list[NodeFacts]) -> dict[str, Any]:
         if n.kind != "input" or n.digest in out:
             continue
         meta = n.metadata or {}
-        entry = lineage_entry(meta)
-        if entry is None:
-            continue
-        out[n.digest] = entry
         prov = read_provenance(meta)
+        recorded = meta.get(CONTENT_DIGEST_KEY)
+        if prov is not None and recorded and recorded != n.digest:
+            entry = _foreign_entry(meta)
+            if entry is not None:
+                out[n.digest] = entry
+            out.setdefault(recorded, _own_entry(prov))
+        else:
+            entry = lineage_entry(meta)
+            if entry is None:
+                continue
+            out[n.digest] = entry
         if prov and isinstance(prov.get("lineage"), dict):
             nested.append(prov["lineage"])
     for table in nested:
@@ -129,15 +138,23 @@ def lineage_entry(meta: Mapping[str, str]) -> dict[str, Any] | None:
     """What one ancestor file contributes to lineage, or None when it carries no provenance at all."""
     prov = read_provenance(meta)
     if prov is not None:
-        entry = {k: prov[k] for k in ("schema", "tool", "node", "recipe", "nodes") if k in prov}
-        if prov.get("facts"):
-            entry["facts"] = prov["facts"]
-        return entry
+        return _own_entry(prov)
     if PROVENANCE_KEY in meta:
         return {"unparsed": True}
-    foreign = {k: v for k, v in sorted(meta.items()) if k in FOREIGN_KEYS or k.startswith("ss_") or k.startswith("sshs_")}
+    return _foreign_entry(meta)
+
+
+def _own_entry(prov: Mapping[str, Any]) -> dict[str, Any]:
+    entry = {k: prov[k] for k in ("schema", "tool", "node", "recipe", "nodes") if k in prov}
+    if prov.get("facts"):
+        entry["facts"] = prov["facts"]
+    return entry
+
+
+def _foreign_entry(meta: Mapping[str, str]) -> dict[str, Any] | None:
     if not any(k in meta for k in ("sd_merge_recipe", "sd_merge_models")) and not any(k.startswith("ss_") for k in meta):
         return None
+    foreign = {k: v for k, v in sorted(meta.items()) if k in FOREIGN_KEYS or k.startswith("ss_") or k.startswith("sshs_")}
     for k, v in list(foreign.items()):
         if len(v) > FOREIGN_VALUE_LIMIT and k.startswith("ss_"):
             foreign[k] = f"<{len(v)} characters omitted>"

@@ -251,6 +251,23 @@ def differing_tensors(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# recipe
+
+
+def recipe_for_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+    """`sdbuild recipe`: the recipe recovered from a file, checked against the file's own tensors."""
+    from .a1111 import recover_recipe
+
+    p = Path(path)
+    meta = read_metadata(p)
+    actual = digest_file(p, memo_db(cache_dir), want_sha256=False)[0] if CONTENT_DIGEST_KEY in meta else None
+    try:
+        return recover_recipe(meta, p.name, actual)
+    except ValueError as e:
+        raise UserError(str(e), str(p)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # hash
 
 

@@ -359,3 +359,48 @@ def test_lock_then_locked_build_and_changed_input(tmp_path, own_models, sdbuild)
 def test_locked_build_without_a_lock_is_a_user_error(tmp_path, model_dir, sdbuild):
     r = sdbuild("build", two_step(tmp_path, model_dir), "--locked")
     assert r.code == 2 and "no lock file recipe.yaml.lock" in r.err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# provenance copied by another tool
+
+
+def _inherited_meta(model_dir: Path, tmp_path: Path, sdbuild) -> dict[str, str]:
+    """Metadata as AUTOMATIC1111 writes it when it merges an sdbuild output with "copy metadata fields" on."""
+    assert sdbuild("build", two_step(tmp_path, model_dir), "-q").code == 0
+    _, parent = read_header(tmp_path / "out" / "final.safetensors")
+    meta = dict(parent)
+    meta["sd_merge_recipe"] = json.dumps({"type": "webui", "primary_model_hash": SHA_A, "secondary_model_hash": SHA_B,
+                                          "tertiary_model_hash": None, "interp_method": "Weighted sum", "multiplier": 0.4,
+                                          "save_as_half": False, "custom_name": "", "config_source": 3, "bake_in_vae": "None",
+                                          "discard_weights": "", "is_inpainting": False, "is_instruct_pix2pix": False})
+    meta["sd_merge_models"] = json.dumps({SHA_A: {"name": "final.safetensors", "legacy_hash": "00000000", "sd_merge_recipe": None},
+                                          SHA_B: {"name": "b.safetensors", "legacy_hash": "11111111", "sd_merge_recipe": None}})
+    return meta
+
+
+def test_copied_sdbuild_provenance_is_not_taken_for_this_files(tmp_path, model_dir, sdbuild):
+    meta = _inherited_meta(model_dir, tmp_path, sdbuild)
+    child = tmp_path / "a1111-child.safetensors"
+    save_file({"model.diffusion_model.x.weight": torch.ones(3)}, str(child), metadata=meta)
+    r = sdbuild("recipe", child)
+    assert r.code == 0, r
+    rec = parse_recipe(r.out, tmp_path / "c.yaml")
+    assert rec.steps["merged"].op == "weighted_sum" and rec.steps["merged"].params["alpha"] == 0.4
+    assert "NOTE: the file also carries sdbuild provenance of an ancestor (recipe 'trial', node 'final'" in r.out
+    # without a foreign recipe to fall back on, the stale provenance is refused rather than replayed
+    del meta["sd_merge_recipe"]
+    save_file({"model.diffusion_model.x.weight": torch.ones(3)}, str(child), metadata=meta)
+    r2 = sdbuild("recipe", child)
+    assert r2.code == 2 and "are not the ones its sdbuild provenance describes" in r2.err
+
+
+def test_copied_provenance_becomes_the_ancestor_in_lineage(tmp_path, model_dir, sdbuild):
+    from mergekit_sd.provenance import NodeFacts, lineage_of
+
+    meta = _inherited_meta(model_dir, tmp_path, sdbuild)
+    recorded = meta["sdbuild.content_digest"]
+    table = lineage_of([NodeFacts(name="X", kind="input", digest="f" * 32, metadata=meta)])
+    assert set(table) == {"f" * 32, recorded}
+    assert table["f" * 32]["foreign"]["sd_merge_recipe"] == meta["sd_merge_recipe"]
+    assert table[recorded]["recipe"]["name"] == "trial" and table[recorded]["node"] == "final"

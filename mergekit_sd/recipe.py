@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import UserError, did_you_mean
-from .ops import REQUIRED, Field, OpSpec, get_op, load_ops
+from .ops import Field, OpSpec, get_op, load_ops
 from .weights import normalize_weight
 
 FORMAT_VERSION = 1
@@ -21,6 +21,7 @@ CARD_FIELDS = ("title", "author", "description", "license", "usage_hint", "tags"
 INPUT_FIELDS = ("path", "sha256", "author", "url", "prediction_type", "description")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 MAX_YAML_NODES = 200_000
+MAX_DEPTH = 64
 DTYPES = ("fp16", "bf16", "fp32")
 
 
@@ -80,6 +81,8 @@ def _compose(text: str, where: str) -> yaml.Node | None:
         raise UserError(f"invalid YAML: {e.problem or e}", f"{where}:{line}") from None
     except yaml.YAMLError as e:
         raise UserError(f"invalid YAML: {e}", where) from None
+    except RecursionError:
+        raise UserError(f"recipe nested too deeply (more than {MAX_DEPTH} levels)", where) from None
 
 
 def _to_python(node: yaml.Node, where: str) -> tuple[Any, dict[tuple, int]]:
@@ -88,10 +91,30 @@ def _to_python(node: yaml.Node, where: str) -> tuple[Any, dict[tuple, int]]:
     lines: dict[tuple, int] = {}
     budget = [MAX_YAML_NODES]
 
+    active: set[int] = set()
+
     def walk(n: yaml.Node, path: tuple) -> Any:
         budget[0] -= 1
         if budget[0] < 0:
             raise UserError(f"recipe too large: more than {MAX_YAML_NODES} YAML nodes (alias expansion?)", where)
+        if len(path) > MAX_DEPTH:
+            raise UserError(f"recipe nested too deeply (more than {MAX_DEPTH} levels)", f"{where}:{n.start_mark.line + 1}")
+        if id(n) in active:
+            raise UserError("a YAML alias refers to itself", f"{where}:{n.start_mark.line + 1}")
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+            active.add(id(n))
+            try:
+                return _walk_collection(n, path)
+            finally:
+                active.discard(id(n))
+        if len(path) < 8:
+            lines.setdefault(path, n.start_mark.line + 1)
+        try:
+            return loader.construct_object(n, deep=True)
+        except yaml.YAMLError as e:
+            raise UserError(f"invalid value: {e}", f"{where}:{n.start_mark.line + 1}") from None
+
+    def _walk_collection(n: yaml.Node, path: tuple) -> Any:
         if len(path) < 8:
             lines.setdefault(path, n.start_mark.line + 1)
         if isinstance(n, yaml.MappingNode):
@@ -109,12 +132,7 @@ def _to_python(node: yaml.Node, where: str) -> tuple[Any, dict[tuple, int]]:
                 if len(path) < 8:
                     lines[path + (key,)] = k.start_mark.line + 1
             return out
-        if isinstance(n, yaml.SequenceNode):
-            return [walk(v, path + (i,)) for i, v in enumerate(n.value)]
-        try:
-            return loader.construct_object(n, deep=True)
-        except yaml.YAMLError as e:
-            raise UserError(f"invalid value: {e}", f"{where}:{n.start_mark.line + 1}") from None
+        return [walk(v, path + (i,)) for i, v in enumerate(n.value)]
 
     return walk(node, ()), lines
 
@@ -214,7 +232,10 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     node = _compose(text, fname)
     if node is None:
         raise UserError("recipe is empty; start with `sdbuild: 1`", f"{fname}:1")
-    data, lines = _to_python(node, fname)
+    try:
+        data, lines = _to_python(node, fname)
+    except RecursionError:
+        raise UserError("recipe nested too deeply or refers to itself through aliases", fname) from None
 
     def where(*p: Any) -> str:
         for i in range(len(p), -1, -1):

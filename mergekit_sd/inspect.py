@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .arch.components import CATEGORY_DOC, COMPONENTS, JUNK, MARKERS, classify, is_position_ids
+from .ckpt import rename_model
 from .lazy import LazyModel
 from .tensorio import dtype_code
 
@@ -83,7 +84,7 @@ def _kind(arch: str, specs) -> str:
 def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
     """The report behind `sdbuild inspect FILE [--json]`; tensors are read (one at a time) only when `scan`."""
     p = Path(path)
-    model = _open(p)
+    model = rename_model(_open(p))
     specs = model.specs
     cls = classify(specs)
     arch = cls.arch

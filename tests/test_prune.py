@@ -208,3 +208,24 @@ def test_bad_component_name_is_reported_with_suggestion(tmp_path, sdbuild):
     m = write_synth(tmp_path / "m.safetensors", "sd1", 32, "fp16", 1)
     r = build(tmp_path, sdbuild, "  p: {op: prune, model: m, components: [unet, vea]}", f"  m: {m}", "  p: p.safetensors")
     assert r.code == 2 and "did you mean 'vae'" in r.err
+
+
+def test_nai_alias_names_are_renamed_not_dropped(tmp_path):
+    t = synth_tensors("sd1", 32, "fp16", 3)
+    pre = "cond_stage_model.transformer.text_model."
+    nai = {("cond_stage_model.transformer." + k[len(pre):] if k.startswith(pre) else k): v for k, v in t.items()}
+    ctx = OpContext(step="p")
+    out = build_prune([from_tensors(nai)], {}, ctx)
+    assert sorted(out.keys()) == sorted(t)
+    assert out.info["provenance"]["prune"]["renamed"] == 197
+    assert out.info["provenance"]["prune"]["removed_total"] == {"tensors": 0, "bytes": 0}
+    assert torch.equal(out.get(pre + "final_layer_norm.weight"), t[pre + "final_layer_norm.weight"])
+
+
+def test_missing_reference_tensors_are_reported(tmp_path):
+    t = synth_tensors("sd1", 32, "fp16", 3)
+    del t["model.diffusion_model.out.2.bias"]
+    ctx = OpContext(step="p")
+    out = build_prune([from_tensors(t)], {}, ctx)
+    assert out.info["provenance"]["prune"]["missing_reference_tensors"] == 1
+    assert any("lacks 1 tensors" in line and "out.2.bias" in line for line in ctx.log)

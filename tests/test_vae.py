@@ -67,8 +67,9 @@ def test_model_without_vae_gets_one_in_its_unet_dtype():
     ctx = OpContext(step="bake")
     out = build_vae([from_tensors(t), from_tensors(synth_vae_tensors(32, "fp32", 7, "diffusers"))], {}, ctx)
     assert len(out) == len(t) + 248
-    assert out.info["provenance"]["vae"] == {"layout": "diffusers", "replaced": 0, "added": 248, "ignored": 0,
-                                             "dtype": ["BF16"], "reshaped": 8}
+    facts = out.info["provenance"]["vae"]
+    assert facts.pop("fingerprint") == toolkit_metric(synth_vae_tensors(32, "fp32", 7))
+    assert facts == {"layout": "diffusers", "replaced": 0, "added": 248, "ignored": 0, "dtype": ["BF16"], "reshaped": 8}
     assert out.spec(VAE + "encoder.mid.attn_1.k.weight").shape == (16, 16, 1, 1)
 
 
@@ -89,3 +90,31 @@ def test_diffusers_names_round_trip_and_legacy_attention_names():
     assert diffusers_to_ldm("decoder.mid_block.attentions.0.proj_attn.bias") == "decoder.mid.attn_1.proj_out.bias"
     assert diffusers_to_ldm("decoder.up_blocks.0.upsamplers.0.conv.weight") == "decoder.up.3.upsample.conv.weight"
     assert diffusers_to_ldm("encoder.down_blocks.1.resnets.0.conv_shortcut.weight") == "encoder.down.1.block.0.nin_shortcut.weight"
+
+
+def toolkit_metric(vae: dict[str, torch.Tensor]) -> int:
+    """The model toolkit's VAE metric, written out independently."""
+    s = 0.0
+    for k, v in vae.items():
+        if "encoder." in k or "decoder." in k:
+            s += (torch.sigmoid(v.half().double()) - 0.5).sum().item()
+    n = int(abs(s / 17870.7051 - 1) * 10000)
+    while n >= 10000:
+        n -= 5000
+    return n
+
+
+def test_sd1_vae_baked_into_sdxl_is_flagged():
+    """A VAE whose metric is 0 (the original kl-f8 VAE's value) baked into an SDXL model gets a warning."""
+    vae = {k: torch.zeros_like(v) for k, v in synth_vae_tensors(32, "fp32", 7).items()}
+    left = 35741  # 35741 values of sigmoid(20) - 0.5 = 0.5 sum to 17870.5: metric 0
+    for k in sorted(vae):
+        if left and ("encoder." in k or "decoder." in k):
+            n = min(left, vae[k].numel())
+            vae[k].view(-1)[:n] = 20.0
+            left -= n
+    assert left == 0 and toolkit_metric(vae) == 0
+    ctx = OpContext(step="bake")
+    out = build_vae([from_tensors(synth_tensors("sdxl", 32, "fp16", 1)), from_tensors(vae, label="kl-f8")], {}, ctx)
+    assert out.info["provenance"]["vae"]["known_as"] == "SD-v1 (kl-f8)"
+    assert any("made for SD1/SD2, baked into an SDXL model" in line for line in ctx.log)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..arch.components import COMPONENTS, UNET, classify, is_position_ids
+from ..ckpt import rename_model
 from ..errors import UserError
 from ..lazy import LazyModel, TensorSpec
 from ..tensorio import DTYPE_NAMES, dtype_code
@@ -54,7 +55,7 @@ def _count(specs: dict[str, TensorSpec], keys: list[str]) -> dict[str, int]:
 
 
 def build_prune(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyModel:
-    model = inputs[0]
+    model = rename_model(inputs[0])  # NovelAI / SD2.1-Turbo names would otherwise look unknown and be dropped
     label = (ctx.input_labels or [model.label])[0] or model.label
     specs = model.specs
     cls = classify(specs)
@@ -95,6 +96,13 @@ def build_prune(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMo
 
     out_specs = {k: specs[k] for k in kept}
     facts: dict[str, Any] = {"architecture": cls.arch.name, "ema": "use" if use_ema else "drop"}
+    renamed = (model.info.get("provenance") or {}).get("renamed")
+    if renamed:
+        facts["renamed"] = renamed
+        ctx.warn(f"renamed {renamed} legacy text-encoder tensors to the standard layout")
+    if cls.missing:
+        facts["missing_reference_tensors"] = len(cls.missing)
+        ctx.warn(f"{label} lacks {len(cls.missing)} tensors of the {cls.arch.name} key list, e.g. {cls.missing[0]}")
     if use_ema:
         unet = [k for k in kept if cls.category[k] == "unet"]
         absent = [k for k in unet if ema_key(k) not in specs]

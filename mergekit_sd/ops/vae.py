@@ -20,6 +20,7 @@ from ..arch.reference import reference_keys
 from ..errors import UserError
 from ..lazy import LazyModel, TensorSpec
 from ..tensorio import dtype_code
+from ..inspect import KNOWN_VAE_FINGERPRINTS, vae_fingerprint
 from . import Field, OpContext, OpSpec, register_op
 from .convert import checked_cast
 
@@ -166,6 +167,13 @@ def build_vae(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMode
                              "ignored": len(ignored), "dtype": sorted({dtype_code(specs[k].dtype) for k in plan})}
     if layout == "diffusers":
         facts["reshaped"] = sum(1 for _, r in plan.values() if r)
+    fp = vae_fingerprint(vae, sorted(src for src, _ in plan.values()))
+    facts["fingerprint"] = fp
+    known = next((n for v, n in KNOWN_VAE_FINGERPRINTS.items() if fp is not None and abs(fp - v) <= 1), None)
+    if known:
+        facts["known_as"] = known
+        if arch.name.startswith("sdxl"):
+            ctx.warn(f"the VAE of {labels[1]} looks like the {known} VAE (fingerprint {fp}), made for SD1/SD2, baked into an SDXL model")
     ctx.warn(f"baked {len(plan)} VAE tensors from {labels[1]} ({layout} layout): {replaced} replaced, {len(plan) - replaced} added"
              + (f"; {len(ignored)} other tensors of the VAE file ignored" if ignored else ""))
     info = {k: v for k, v in model.info.items() if k not in ("provenance", "log")}

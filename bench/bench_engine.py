@@ -6,6 +6,7 @@ Prints figures and ratios measured in this run. Inputs come from a warm page cac
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import textwrap
@@ -22,6 +23,12 @@ from safetensors.torch import load_file, save_file
 a = load_file(sys.argv[1]); b = load_file(sys.argv[2])
 out = {k: (a[k].float() * 0.7 + b[k].float() * 0.3).to(a[k].dtype) if a[k].is_floating_point() else a[k] for k in a}
 save_file(out, sys.argv[3], metadata={"format": "pt"})
+"""
+
+SD_MECHA = """
+import sys, sd_mecha
+recipe = sd_mecha.weighted_sum(sd_mecha.model(sys.argv[1]), sd_mecha.model(sys.argv[2]), alpha=0.3)
+sd_mecha.merge(recipe, output=sys.argv[3])
 """
 
 IO_FLOOR = """
@@ -56,6 +63,8 @@ def main() -> dict[str, float]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("bench/work"))
     ap.add_argument("--factor", type=int, default=1)
+    ap.add_argument("--sd-mecha", default=os.environ.get("SDMECHA_PYTHON"),
+                    help="a python with sd-mecha installed, to time the same merge with it (optional)")
     args = ap.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -66,6 +75,9 @@ def main() -> dict[str, float]:
     (work / "copy.bin").unlink()
     res["naive_s"], res["naive_rss_gib"] = measure([sys.executable, "-c", NAIVE, str(a), str(b), str(work / "naive.safetensors")])
     (work / "naive.safetensors").unlink()
+    if args.sd_mecha:
+        res["sd_mecha_s"], res["sd_mecha_rss_gib"] = measure([args.sd_mecha, "-c", SD_MECHA, str(a), str(b), str(work / "mecha.safetensors")])
+        (work / "mecha.safetensors").unlink()
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(work / "out", ignore_errors=True)
@@ -78,6 +90,9 @@ def main() -> dict[str, float]:
     report("io floor (read both inputs, write one copy)", res["io_floor_s"], "s")
     report("naive merge (load both whole)", res["naive_s"], "s")
     report("naive merge peak RSS", res["naive_rss_gib"], "GiB")
+    if "sd_mecha_s" in res:
+        report("sd-mecha 1.x merge", res["sd_mecha_s"], "s")
+        report("sd-mecha peak RSS", res["sd_mecha_rss_gib"], "GiB")
     report("sdbuild first build (hashes inputs: xxh3 + sha256)", res["first_build_s"], "s")
     report("sdbuild merge after editing alpha", res["sdbuild_s"], "s")
     report("sdbuild peak RSS", res["sdbuild_rss_gib"], "GiB")

@@ -602,10 +602,10 @@ def recipe_from_provenance(prov: Mapping[str, Any], file_name: str | None = None
     if card:
         lines.append("card:")
         for k, v in card.items():
-            lines.append(f"  {k}: {_scalar(v)}")
+            lines.append(f"  {_safe_name(k, 'card field')}: {_scalar(v)}")
     lines.append("inputs:")
     for name, e in (r.get("inputs") or {}).items():
-        lines.append(f"  {name}:")
+        lines.append(f"  {_safe_name(name, 'input name')}:")
         path = (paths or {}).get(name) or e.get("file") or e.get("path")
         if path:
             lines.append(f"    path: {_scalar(path)}")
@@ -620,9 +620,9 @@ def recipe_from_provenance(prov: Mapping[str, Any], file_name: str | None = None
     lines.append("steps:" if steps else "steps: {}")
     for name in _step_order(steps, set(r.get("inputs") or {})):
         st = steps[name]
-        op = st.get("op")
+        op = _safe_name(st.get("op"), "op name")
         defaults = _op_defaults(op) or {}
-        lines.append(f"  {name}:")
+        lines.append(f"  {_safe_name(name, 'step name')}:")
         lines.append(f"    op: {op}")
         ordered = [k for k in ("model", "models") if k in st] + [k for k in st if k not in ("model", "models")]
         for k in ordered:
@@ -637,7 +637,7 @@ def recipe_from_provenance(prov: Mapping[str, Any], file_name: str | None = None
         ps = paths if isinstance(paths, list) else [paths]
         if not ps:
             ps = [f"{node}.safetensors"]
-        lines.append(f"  {node}: {_scalar(ps[0]) if len(ps) == 1 else _flow(ps)}")
+        lines.append(f"  {_safe_name(node, 'output node')}: {_scalar(ps[0]) if len(ps) == 1 else _flow(ps)}")
     lineage = prov.get("lineage") or {}
     if lineage:
         lines.append("# Earlier generations (inputs that carry their own provenance; `sdbuild recipe` on them recovers those recipes):")
@@ -646,7 +646,7 @@ def recipe_from_provenance(prov: Mapping[str, Any], file_name: str | None = None
                 lines.append(f"#   {dg}: recipe {entry['recipe'].get('name')!r}, node {entry.get('node')!r}")
             elif isinstance(entry, dict) and "foreign" in entry:
                 lines.append(f"#   {dg}: AUTOMATIC1111/supermerger/kohya metadata")
-    return "\n".join(lines) + "\n"
+    return _join(lines)
 
 
 def _step_order(steps: Mapping[str, Any], inputs: set[str]) -> list[str]:
@@ -668,7 +668,23 @@ def _step_order(steps: Mapping[str, Any], inputs: set[str]) -> list[str]:
     return done
 
 
+_BREAKS = re.compile("[\r\n\x85\u2028\u2029]")
+_SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+def _join(lines: list[str]) -> str:
+    """One YAML line per entry: a line break smuggled into a name or note (files are untrusted) becomes a space."""
+    return "\n".join(_BREAKS.sub(" ", ln) for ln in lines) + "\n"
+
+
+def _safe_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise ValueError(f"the provenance holds an invalid {what} {str(name)[:60]!r}")
+    return name
+
+
 def _field_lines(k: str, v: Any, indent: str) -> list[str]:
+    _safe_name(k, "field name")
     if isinstance(v, dict):
         out = [f"{indent}{k}:"]
         for kk, vv in v.items():
@@ -690,7 +706,8 @@ def _scalar(v: Any) -> str:
         return repr(v)
     if isinstance(v, bool) or v is None or isinstance(v, int):
         return yaml.safe_dump(v, default_flow_style=True).split("\n")[0]
-    text = yaml.safe_dump(str(v), default_flow_style=True, allow_unicode=True, width=1 << 30)
+    style = '"' if any(ord(ch) < 32 or ch in "\x7f\x85\u2028\u2029" for ch in str(v)) else None
+    text = yaml.safe_dump(str(v), default_flow_style=True, allow_unicode=True, width=1 << 30, default_style=style)
     text = text.rstrip("\n")
     if text.endswith("\n..."):
         text = text[:-4]
@@ -765,7 +782,8 @@ def _recover_foreign(rec: MergeRecord, metadata: Mapping[str, str], file_name: s
             lines.append(f"    # {'; '.join(bits)}")
     if not names:
         raise ValueError("the merge recipe names no input models")
-    out_name = (_NAME_BAD.sub("_", rec.custom_name).strip("_") if rec.custom_name else "") or (f"{name}-recovered" if stem else "recovered")
+    custom = re.sub(r"\.(safetensors|ckpt)$", "", rec.custom_name or "", flags=re.I)
+    out_name = re.sub(r"\.{2,}", ".", _NAME_BAD.sub("_", custom)).strip("_.") or (f"{name}-recovered" if stem else "recovered")
     if rec.op is None:
         # "No interpolation": the output is the first model, optionally cast
         if params.get("dtype"):
@@ -801,7 +819,7 @@ def _recover_foreign(rec: MergeRecord, metadata: Mapping[str, str], file_name: s
         for sha, ref in sorted(rec.ancestry.items()):
             desc = f"; {_describe(parse_recipe_object(ref.recipe, {}))}" if ref.recipe else ""
             lines.append(f"#   {sha} {ref.name or ''}{desc}")
-    return "\n".join(lines) + "\n"
+    return _join(lines)
 
 
 def _describe(rec: MergeRecord) -> str:

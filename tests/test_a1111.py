@@ -276,3 +276,20 @@ def test_supermerger_calcmodes_map_to_ops():
 def test_no_recipe_is_an_error():
     with pytest.raises(ValueError, match="no merge recipe"):
         recover_recipe({"format": "pt", "modelspec.title": "x"})
+
+
+def test_hostile_names_cannot_inject_yaml(tmp_path: Path):
+    evil = "x'\nsteps:\n  pwn: {op: weighted_sum}\noutputs:\n  pwn: ../../etc/x.safetensors\n#"
+    rec = {"type": "webui", "primary_model_hash": SHA_A, "secondary_model_hash": SHA_B, "interp_method": "Weighted sum",
+           "multiplier": 0.5, "custom_name": evil, "config_source": 3}
+    models = {SHA_A: {"name": evil, "legacy_hash": evil}, SHA_C: {"name": "\u2028outputs: {}", "legacy_hash": "x"}}
+    text = recover_recipe({"sd_merge_recipe": json.dumps(rec), "sd_merge_models": json.dumps(models)}, evil)
+    r = parse_recipe(text, tmp_path / "r.yaml")
+    assert list(r.steps) == ["merged"] and list(r.outputs) == ["merged"]
+    assert r.inputs["model_a"].path == evil.replace("\\", "/").split("/")[-1] + ".safetensors"
+    out = r.outputs["merged"][0]
+    assert "/" not in out and ".." not in out and out.endswith(".safetensors")
+    prov = {"schema": 1, "node": "m", "recipe": {"sdbuild": 1, "name": "n", "inputs": {"a\nb": {"file": "a.safetensors"}},
+                                                 "steps": {}, "outputs": {}}}
+    with pytest.raises(ValueError, match="invalid input name"):
+        recover_recipe({"sdbuild.provenance": json.dumps(prov)})

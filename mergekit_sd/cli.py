@@ -79,6 +79,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--demo", action="store_true", help="write the demo's input models into the folder OUT")
     _common(s)
 
+    g = sub.add_parser("gc", help="remove cached objects that the given recipes no longer need")
+    g.add_argument("recipes", nargs="*", type=Path, help="recipes whose current objects are kept (none: empty the cache)")
+    g.add_argument("--cache-dir", type=Path, default=None)
+    g.add_argument("--models", type=Path, action="append", default=[])
+    g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    _common(g)
+
     sc = sub.add_parser("schema", help="print the recipe format as JSON Schema")
     _common(sc)
     for hook in EXTRA_PARSERS:
@@ -197,6 +204,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
                            markers=args.markers, inpainting=args.inpainting)
     if not args.quiet:
         print(path)
+    return 0
+
+
+@command("gc")
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .executor import gc
+
+    args.out_dir = None
+    removed, freed = gc(args.recipes, _options(args), dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {removed} objects, {freed / 2**20:.1f} MiB")
     return 0
 
 

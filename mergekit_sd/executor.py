@@ -399,6 +399,24 @@ def _device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
 
 
+def gc(recipes: list[Path], options: Options, dry_run: bool = False) -> tuple[int, int]:
+    """Keep the objects every given recipe's current plan points at (whether built or not); drop the rest."""
+    from . import stamp
+    from .store import collect_garbage
+
+    keep: set[str] = set()
+    for r in recipes:
+        session = Session(load_recipe(r), options)
+        session.plan(list(session.recipe.node_names()))
+        keep |= {k for k, _ in session.keys.values()}
+    store = Store(options.cache_dir)
+    if dry_run:
+        paths = [p for p in (store.root / "objects").glob("*/*.safetensors") if p.name[: -len(".safetensors")] not in keep]
+        return len(paths), sum(p.stat().st_size for p in paths)
+    stamp.forget(options.cache_dir)
+    return collect_garbage(store, keep)
+
+
 def plan(recipe_path: str | Path, options: Options, targets: list[str] | None = None) -> list[NodeState]:
     return Session(load_recipe(recipe_path), options).plan(targets)
 

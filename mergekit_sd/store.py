@@ -107,6 +107,30 @@ class Store:
         self.db.execute("DELETE FROM object WHERE key=?", (key,))
 
 
+def collect_garbage(store: "Store", keep: set[str]) -> tuple[int, int]:
+    """Delete every object not in `keep`; returns (objects removed, bytes freed)."""
+    removed = freed = 0
+    for path in sorted((store.root / "objects").glob("*/*.safetensors")):
+        key = path.name[: -len(".safetensors")]
+        if key in keep:
+            continue
+        size = path.stat().st_size
+        with store.lock(key):
+            store.forget(key)
+        removed += 1
+        freed += size
+    store.clean_tmp()
+    known = {p.name[: -len(".safetensors")] for p in (store.root / "objects").glob("*/*.safetensors")}
+    for (key,) in store.db.execute("SELECT key FROM object"):
+        if key not in known:
+            store.db.execute("DELETE FROM object WHERE key=?", (key,))
+    store.db.execute("DELETE FROM history WHERE key NOT IN (SELECT key FROM object)")
+    for (path,) in store.db.execute("SELECT path FROM file_digest"):
+        if not os.path.exists(path):
+            store.db.execute("DELETE FROM file_digest WHERE path=?", (path,))
+    return removed, freed
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

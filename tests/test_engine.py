@@ -375,3 +375,19 @@ def test_metadata_only_change_reuses_tensors(tmp_path, model_dir):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.title"] == "Second"
+
+
+def test_gc_keeps_what_a_recipe_needs(tmp_path, model_dir, sdbuild):
+    rp = recipe_four(tmp_path, model_dir, alpha=0.3)
+    assert sdbuild(rp, "-q").code == 0
+    recipe_four(tmp_path, model_dir, alpha=0.6)
+    assert sdbuild(rp, "-q").code == 0
+    objects = lambda: sorted((tmp_path / "cache" / "objects").rglob("*.safetensors"))  # noqa: E731
+    assert len(objects()) == 5  # ws at two alphas, ad, ts, st
+    r = sdbuild("gc", rp)
+    assert r.code == 0 and "removed 1 objects" in r.out
+    assert len(objects()) == 4
+    assert sdbuild(rp, "--json").code == 0
+    plan = json.loads(sdbuild("plan", rp, "--json").out)
+    assert {n["state"] for n in plan["nodes"]} == {"fresh"}
+    assert sdbuild("gc").code == 0 and objects() == []

@@ -69,8 +69,7 @@ def build_metadata(recipe, node: str, nodes: list[NodeFacts], architecture: str 
             "steps": steps,
             "outputs": {node: list(recipe.outputs.get(node, ()))},
         },
-        "nodes": {n.name: {"op": n.op, "version": n.version, "key": n.compute_key, "digest": n.digest if n.name != node else None}
-                  for n in nodes if n.kind == "step"},
+        "nodes": {n.name: _node_entry(n, node) for n in nodes if n.kind == "step"},
     }
     logs = {n.name: list(n.log) for n in nodes if n.kind == "step" and n.log}
     if logs:
@@ -87,6 +86,16 @@ def build_metadata(recipe, node: str, nodes: list[NodeFacts], architecture: str 
     if extra:
         meta.update({str(k): str(v) for k, v in extra.items()})
     return meta
+
+
+def _node_entry(n: NodeFacts, node: str) -> dict[str, Any]:
+    """How a step was computed: op and op version, step key, result digest, and the block rule that mapped
+    tensor names to blocks (a rule is versioned by its id; ops report the one they resolved in their facts)."""
+    e: dict[str, Any] = {"op": n.op, "version": n.version, "key": n.compute_key, "digest": n.digest if n.name != node else None}
+    rule = (n.facts or {}).get("block_rule") or (n.params or {}).get("block_rule")
+    if rule:
+        e["block_rule"] = rule
+    return e
 
 
 def _input_entry(n: NodeFacts) -> dict[str, Any]:

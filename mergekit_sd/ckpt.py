@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -65,15 +66,21 @@ def _load(path: Path) -> Any:
             raise UserError("model file not found" if not path.exists() else "not a regular file", where)
     except OSError as e:
         raise UserError(f"cannot open model file: {e.strerror}", where) from None
-    with torch.serialization.safe_globals(_inert_globals()):
+    with torch.serialization.safe_globals(_inert_globals()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes about pickle protocols would break the one-line contract
         for mmap in (True, False):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except pickle.UnpicklingError as e:
-                detail = _unsafe_detail(e)
+                glob, detail = _unsafe_detail(e)
+                if glob:
+                    raise UserError(
+                        f"refused to load this pickle: it needs code to run (it calls {glob}); nothing was executed. "
+                        "Convert it to .safetensors with a tool you trust, or ask its author for a safetensors file", where
+                    ) from None
                 raise UserError(
-                    f"refused to load this pickle: it needs code to run{detail}; nothing was executed. "
-                    "Convert it to .safetensors with a tool you trust, or ask its author for a safetensors file", where
+                    f"not a readable PyTorch checkpoint: the safe loader stopped at {detail or 'an unsupported instruction'}; "
+                    "nothing was executed (corrupt file, or a pickle made by another program)", where
                 ) from None
             except RuntimeError as e:
                 if mmap and "mmap" in str(e):
@@ -92,14 +99,25 @@ def _first_line(e: BaseException) -> str:
     return text[0][:200] if text else type(e).__name__
 
 
-def _unsafe_detail(e: BaseException) -> str:
-    """The offending global, when torch names it ("Unsupported global: GLOBAL posix.system ...")."""
-    for line in str(e).splitlines():
-        line = line.strip()
+def _unsafe_detail(e: BaseException) -> tuple[str | None, str]:
+    """(the global a pickle wanted to call, if torch names one; the loader's own reason)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for line in lines:
         if "GLOBAL " in line:
-            g = line.split("GLOBAL ", 1)[1].split()[0]
-            return f" (it calls {g})"
-    return ""
+            return line.split("GLOBAL ", 1)[1].split()[0].rstrip(",.:"), line
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return None, lines[i + 1][:120]
+    return None, (lines[-1][:120] if lines else "")
+
+
+def _looks_like_safetensors(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= p.stat().st_size - 8
 
 
 def unwrap_state_dict(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -168,6 +186,10 @@ def open_ckpt(path: str | os.PathLike) -> LazyModel:
     """A lazy model over a legacy pickle checkpoint, loaded weights-only (memory-mapped when the format allows)."""
     p = Path(path)
     where = str(p)
+    if _looks_like_safetensors(p):  # a safetensors file under a legacy extension: read it as what it is
+        from .tensorio import SafetensorsFile
+
+        return rename_model(SafetensorsFile(p).lazy())
     obj = _load(p)
     tensors, dropped = unwrap_state_dict(obj, where)
     if not tensors:

@@ -145,3 +145,19 @@ def test_broken_pickles_are_user_errors(tmp_path, sdbuild, case):
     assert len(r.err.strip().splitlines()) == 1 and "internal failure" not in r.err and str(p) in r.err
     with pytest.raises(UserError):
         open_ckpt(p)
+
+
+def test_plain_pickles_and_misnamed_safetensors(tmp_path, sdbuild):
+    import pickle
+
+    from safetensors.torch import save_file
+
+    p = tmp_path / "plain.ckpt"
+    p.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    r = sdbuild("inspect", p)
+    assert r.code == 2 and "not a readable PyTorch checkpoint" in r.err and "nothing was executed" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    t = synth_tensors("sd1", 32, "fp16", 1)
+    save_file(t, str(tmp_path / "really.ckpt"))
+    m = open_model(tmp_path / "really.ckpt")
+    assert sorted(m.keys()) == sorted(t)

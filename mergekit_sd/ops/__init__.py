@@ -101,7 +101,7 @@ def register_op(spec: OpSpec) -> OpSpec:
 
 
 # modules that register ops when imported; later capabilities append theirs here
-BUILTIN_OP_MODULES = ["merge", "prune", "convert", "vae", "lora"]
+BUILTIN_OP_MODULES = ["merge", "prune", "convert", "vae", "lora", "extract_lora", "merge_loras"]
 _LOADED = False
 
 

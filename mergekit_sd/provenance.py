@@ -269,15 +269,25 @@ def _refs_in(value: Any, names: set[str]) -> list[str]:
     return out
 
 
-def _short_params(params: Mapping[str, Any]) -> str:
+def _short_params(params: Mapping[str, Any], op: str | None = None) -> str:
+    """Parameters worth showing in a tree line: not references, not the op's defaults."""
+    defaults: dict[str, Any] = {}
+    if op:
+        from .a1111 import _op_defaults
+
+        defaults = _op_defaults(op) or {}
     bits = []
     for k, v in params.items():
-        if k in ("models", "model", "op") or v is None:
+        if k in ("models", "model", "op") or v is None or (k in defaults and defaults[k] == v):
             continue
         if isinstance(v, bool) or isinstance(v, (int, float, str)):
             bits.append(f"{k} {v}")
         elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
             bits.append(f"{k} [{len(v)} block weights]")
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            bits.append(f"{k} [{len(v)}]")
+        elif isinstance(v, dict):
+            bits.append(f"{k} {{{len(v)} selectors}}")
     return ", ".join(bits)
 
 
@@ -297,9 +307,10 @@ def _render_node(name: str, inputs: Mapping, steps: Mapping, names: set[str], li
     child_prefix = prefix + ("   " if last else "│  ")
     if name in steps:
         st = steps[name]
-        params = _short_params(st)
+        params = _short_params(st, st.get("op"))
         lines.append(f"{prefix}{branch}{name} = {st.get('op')}" + (f" ({params})" if params else ""))
-        refs = _refs_in({k: v for k, v in st.items() if k != "op"}, names - {name})
+        refs = _refs_in([st.get("model"), st.get("models")] + [v for k, v in st.items() if k not in ("op", "model", "models")],
+                        names - {name})
         for i, r in enumerate(refs):
             _render_node(r, inputs, steps, names, lines, child_prefix, table, seen, last=i == len(refs) - 1)
         return

@@ -404,3 +404,40 @@ def test_copied_provenance_becomes_the_ancestor_in_lineage(tmp_path, model_dir, 
     assert set(table) == {"f" * 32, recorded}
     assert table["f" * 32]["foreign"]["sd_merge_recipe"] == meta["sd_merge_recipe"]
     assert table[recorded]["recipe"]["name"] == "trial" and table[recorded]["node"] == "final"
+
+
+def test_recipe_recovery_round_trips_lora_and_prune_parameters(tmp_path, model_dir, sdbuild):
+    from mergekit_sd.lora.synth import write_synth_lora
+
+    write_synth_lora(tmp_path / "detail.safetensors", arch="sd1", format="lora", factor=32, rank=4, seed=1)
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        name: baked
+        inputs:
+          A: {model_dir}/a.safetensors
+          B: {model_dir}/b.safetensors
+          detail: {{path: detail.safetensors, author: lora-maker}}
+        steps:
+          mix: {{op: weighted_sum, models: [A, B], alpha: 0.4}}
+          baked:
+            op: lora
+            model: mix
+            loras:
+              - {{lora: detail, strength: 0.6}}
+          release: {{op: prune, model: baked, dtype: fp16}}
+        outputs:
+          release: out/release.safetensors
+        """)
+    assert sdbuild("build", rp, "-q").code == 0
+    out = tmp_path / "out" / "release.safetensors"
+    r = sdbuild("recipe", out)
+    assert r.code == 0, r
+    rec = parse_recipe(r.out, tmp_path / "again.yaml")
+    orig = load_recipe(rp)
+    assert {n: s.params for n, s in rec.steps.items()} == {n: s.params for n, s in orig.steps.items()}
+    assert rec.inputs["detail"].credits == {"author": "lora-maker"}
+    meta = a1111.read_webui_metadata(read_header(out)[1])
+    assert meta["sd_merge_recipe"]["interp_method"] == "No interpolation" and meta["sd_merge_recipe"]["save_as_half"] is True
+    tree = sdbuild("inspect", "--tree", out).out
+    assert "   └─ release = prune (dtype fp16)\n      └─ baked = lora (loras [1])\n         ├─ mix = weighted_sum (alpha 0.4)\n" in tree
+    assert "└─ kohya training metadata" in tree

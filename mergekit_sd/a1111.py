@@ -531,6 +531,7 @@ def input_from_metadata(sha256: str | None, name: str, legacy: str | None, metad
 
 
 PROVENANCE_KEY = "sdbuild.provenance"
+PROVENANCE_SCHEMA = 1  # the newest provenance schema this module can replay (provenance.SCHEMA_VERSION)
 CARD_KEYS = ("title", "author", "description", "license", "usage_hint", "tags", "trigger_phrase", "prediction_type", "resolution")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-]+")
 
@@ -544,6 +545,8 @@ def recover_recipe(metadata: Mapping[str, str], file_name: str | None = None, ac
     it then describes an ancestor, not this file. Raises ValueError when there is nothing to recover.
     """
     prov = _provenance(metadata)
+    if prov is not None and isinstance(prov.get("schema"), int) and prov["schema"] > PROVENANCE_SCHEMA:
+        raise ValueError(f"provenance schema {prov['schema']} was written by a newer sdbuild (this one reads {PROVENANCE_SCHEMA}); upgrade sdbuild")
     recorded = metadata.get("sdbuild.content_digest")
     inherited = prov is not None and actual_digest is not None and recorded is not None and recorded != actual_digest
     if prov is not None and not inherited:

@@ -293,3 +293,12 @@ def test_hostile_names_cannot_inject_yaml(tmp_path: Path):
                                                  "steps": {}, "outputs": {}}}
     with pytest.raises(ValueError, match="invalid input name"):
         recover_recipe({"sdbuild.provenance": json.dumps(prov)})
+
+
+def test_newer_provenance_schema_is_refused():
+    prov = {"schema": 2, "node": "m", "recipe": {"sdbuild": 1, "inputs": {}, "steps": {}, "outputs": {}}}
+    with pytest.raises(ValueError, match="newer sdbuild"):
+        recover_recipe({"sdbuild.provenance": json.dumps(prov)})
+    from mergekit_sd.provenance import SCHEMA_VERSION
+
+    assert a1111.PROVENANCE_SCHEMA == SCHEMA_VERSION

@@ -379,7 +379,8 @@ def _check_kind(ref: str, model: LazyModel, want: str, step: str, where: str) ->
         return
     got = model_kind(model.specs)
     if got != want and not (want == "checkpoint" and got == "unknown"):
-        raise UserError(f"step {step!r} needs a {want} for {ref!r}, but {model.label} looks like a {got}", where)
+        looks = "an unrecognised file" if got == "unknown" else f"a {got}"
+        raise UserError(f"step {step!r} needs a {want} for {ref!r}, but {model.label} looks like {looks}", where)
 
 
 def _legacy_hash(path: Path) -> str:

@@ -441,3 +441,14 @@ def test_recipe_recovery_round_trips_lora_and_prune_parameters(tmp_path, model_d
     tree = sdbuild("inspect", "--tree", out).out
     assert "   └─ release = prune (dtype fp16)\n      └─ baked = lora (loras [1])\n         ├─ mix = weighted_sum (alpha 0.4)\n" in tree
     assert "└─ kohya training metadata" in tree
+
+
+def test_lineage_beyond_the_limit_keeps_only_digests(monkeypatch):
+    from mergekit_sd import provenance
+
+    monkeypatch.setattr(provenance, "LINEAGE_LIMIT", 100)
+    table = {f"{i:032x}": {"recipe": {"name": "x" * 30}} for i in range(5)}
+    out = provenance._limit(table)
+    assert list(out) == list(table)
+    assert [("recipe" in e) for e in out.values()] == [True, True, False, False, False]
+    assert out[f"{4:032x}"] == {"omitted": "lineage size limit"}

@@ -446,7 +446,7 @@ def test_recipe_recovery_round_trips_lora_and_prune_parameters(tmp_path, model_d
 def test_lineage_beyond_the_limit_keeps_only_digests(monkeypatch):
     from mergekit_sd import provenance
 
-    monkeypatch.setattr(provenance, "LINEAGE_LIMIT", 100)
+    monkeypatch.setattr(provenance, "LINEAGE_LIMIT", 110)  # two entries of 52 characters fit
     table = {f"{i:032x}": {"recipe": {"name": "x" * 30}} for i in range(5)}
     out = provenance._limit(table)
     assert list(out) == list(table)

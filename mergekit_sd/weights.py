@@ -1,10 +1,41 @@
-"""Weight parameters (alpha, beta, LoRA strength): a number, or block weights resolved per tensor name."""
+"""Weight parameters (alpha, beta, LoRA strength): a number, or block weights resolved per tensor name.
+
+A weight is written as a number, a list of every block in order (26 for SD1/SD2, 20 or 21 for SDXL), a supermerger
+comma string or preset name (`GRAD_V`), or a mapping of selectors: `default`, a block (`IN04`), a range
+(`IN00-IN05`), a group (`BASE`, `IN`, `M`, `OUT`, `VAE`) or `re:<regex>` on tensor names. The most specific selector
+wins: regex, then VAE, then block, then the narrowest range, then group, then default.
+
+`normalize_weight` runs when the recipe is loaded and returns the canonical form the step key hashes, so spellings
+with one meaning share one cache entry (a preset, its 26-number string and the same list; `IN4` and `IN04`).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
-from .errors import UserError
+from .arch.blocks import (
+    LIST_LENGTHS, Selector, family_of, get_rule, is_vae_key, list_to_blocks, parse_selector, parse_weight_string, presets,
+)
+from .errors import UserError, did_you_mean
+
+
+def _number(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise UserError(f"expected a number, got {v!r}", where)
+    if not math.isfinite(v):
+        raise UserError(f"weight {v!r} must be finite", where)
+    return float(v)
+
+
+def _canonical_list(values: list[float], where: str) -> Any:
+    if len(values) not in LIST_LENGTHS:
+        raise UserError(f"block weights list has {len(values)} values; SD1/SD2 take 26 (BASE, IN00-IN11, M00, OUT00-OUT11), "
+                        "SDXL 20 (BASE, IN00-IN08, M00, OUT00-OUT08) or 21 with VAE", where)
+    # a list valid on both families whose values are all equal is the number itself
+    if len(values) in (26, 27) and len(set(values)) == 1:
+        return values[0]
+    return values
 
 
 def normalize_weight(value: Any, where: str) -> Any:
@@ -12,12 +43,106 @@ def normalize_weight(value: Any, where: str) -> Any:
     if isinstance(value, bool):
         raise UserError(f"expected a number or block weights, got {value!r}", where)
     if isinstance(value, (int, float)):
-        return float(value)
-    raise UserError(f"expected a number, got {type(value).__name__}", where)
+        return _number(value, where)
+    if isinstance(value, str):
+        text = value.strip()
+        if "," in text or "\n" in text:
+            return _canonical_list(parse_weight_string(text, where), where)
+        try:
+            return _number(float(text), where)
+        except ValueError:
+            pass
+        table = presets()
+        if text not in table:
+            raise UserError(f"unknown block weight preset {text!r}{did_you_mean(text, table)}; known presets: {', '.join(table)}", where)
+        return _canonical_list(list(table[text]), where)
+    if isinstance(value, list):
+        vals = []
+        for i, v in enumerate(value):
+            if isinstance(v, str):
+                from .arch.blocks import parse_number
+
+                vals.append(parse_number(v, f"{where}[{i}]"))
+            else:
+                vals.append(_number(v, f"{where}[{i}]"))
+        return _canonical_list(vals, where)
+    if isinstance(value, dict):
+        if not value:
+            raise UserError("block weights mapping is empty; give at least `default`", where)
+        out: dict[str, float] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UserError(f"block selector {k!r} must be a string", where)
+            sel = parse_selector(k, f"{where}.{k}")
+            if sel.text in out:
+                raise UserError(f"block selector {k!r} repeats {sel.text}", where)
+            out[sel.text] = _number(v, f"{where}.{k}")
+        if list(out) == ["default"]:
+            return out["default"]
+        return dict(sorted(out.items()))
+    raise UserError(f"expected a number or block weights, got {type(value).__name__}", where)
 
 
-def compile_weight(value: Any, *, arch: str | None = None, rule: str | None = None, where: str = "") -> Callable[[str], float]:
-    """A function from tensor name to the float weight for that tensor."""
-    if isinstance(value, float):
-        return lambda _key, v=value: v
-    raise UserError(f"unsupported weight {value!r}", where)
+def is_block_weight(value: Any) -> bool:
+    """True when a normalised weight varies by tensor (a list or a mapping)."""
+    return isinstance(value, (list, dict))
+
+
+def compile_weight(value: Any, *, arch: Any = None, rule: str | None = None, where: str = "") -> Callable[[str], float]:
+    """A function from tensor name to the float weight for that tensor.
+
+    `arch` is an ArchInfo, an architecture id (`sd1`, `sdxl`), a ModelSpec string or a block family; `rule` a block
+    rule id (default supermerger-2025). Block weights on a model of unknown architecture are a UserError. The function
+    raises UserError for a tensor that no selector covers (a mapping without `default`).
+    """
+    if isinstance(value, bool):
+        raise UserError(f"unsupported weight {value!r}", where)
+    if isinstance(value, (int, float)):
+        v = float(value)
+        return lambda _key: v
+    if not isinstance(value, (list, dict)):
+        value = normalize_weight(value, where)
+        return compile_weight(value, arch=arch, rule=rule, where=where)
+    family = family_of(arch)
+    if family is None:
+        raise UserError("block weights need a known architecture (SD1, SD2 or SDXL); this model's is unknown, use a number", where)
+    block_rule = get_rule(rule, where)
+    block_rule.block("model.diffusion_model.out.0.weight", family)  # fails early when the rule has no map for the family
+
+    if isinstance(value, list):
+        table = list_to_blocks([float(x) for x in value], family, where)
+        vae = table.get("VAE")
+
+        def from_list(key: str) -> float:
+            if vae is not None and is_vae_key(key):
+                return vae
+            block = block_rule.block(key, family)
+            return table[block if block is not None else "BASE"]
+
+        return from_list
+
+    selectors: list[tuple[Selector, float]] = []
+    for text, v in value.items():
+        sel = parse_selector(text, where)
+        sel.check_family(family, where)
+        selectors.append((sel, float(v)))
+    selectors.sort(key=lambda sv: sv[0].rank, reverse=True)
+
+    def from_mapping(key: str) -> float:
+        block = block_rule.block(key, family)
+        block = block if block is not None else "BASE"
+        best: tuple | None = None
+        for sel, v in selectors:
+            if best is not None and sel.rank < best[0].rank:
+                break
+            if sel.matches(key, block, family):
+                if best is None:
+                    best = (sel, v)
+                elif v != best[1]:
+                    raise UserError(f"tensor {key!r} matches both {best[0].text!r} and {sel.text!r} with different weights; "
+                                    "make them disjoint", where)
+        if best is None:
+            raise UserError(f"block weights do not cover tensor {key!r} (block {block}); add `default:`", where)
+        return best[1]
+
+    return from_mapping

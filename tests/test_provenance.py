@@ -58,13 +58,21 @@ def own_models(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, model_dir) -> Path:
+    """The two-step recipe built once over the shared models (tests that only read it share it)."""
+    d = tmp_path_factory.mktemp("built")
+    rp = two_step(d, model_dir)
+    Session(load_recipe(rp), Options(cache_dir=d / "cache", quiet=True)).build()
+    return d
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # what is written
 
 
-def test_metadata_parses_by_automatic1111_rules(tmp_path, model_dir, sdbuild):
-    assert sdbuild("build", two_step(tmp_path, model_dir), "-q").code == 0
-    out = tmp_path / "out" / "final.safetensors"
+def test_metadata_parses_by_automatic1111_rules(built, model_dir):
+    out = built / "out" / "final.safetensors"
     _, meta = read_header(out)
     decoded = a1111.read_webui_metadata(meta)
     for k, v in meta.items():  # every value that starts with `{` is JSON A1111 can decode; nothing else is decoded
@@ -121,9 +129,8 @@ def test_reproduce_finds_moved_inputs_by_digest_and_verifies_identical_bytes(tmp
     assert again.code == 0 and json.loads(again.out)["hashed"] == 0
 
 
-def test_reproduce_names_the_altered_tensor(tmp_path, model_dir, sdbuild):
-    assert sdbuild("build", two_step(tmp_path, model_dir), "-q").code == 0
-    good = tmp_path / "out" / "final.safetensors"
+def test_reproduce_names_the_altered_tensor(tmp_path, built, model_dir, sdbuild):
+    good = built / "out" / "final.safetensors"
     bad = tmp_path / "altered.safetensors"
     shutil.copyfile(good, bad)
     name = "model.diffusion_model.middle_block.1.proj_in.weight"
@@ -141,12 +148,11 @@ def test_reproduce_names_the_altered_tensor(tmp_path, model_dir, sdbuild):
     assert len(r.err.strip().splitlines()) == 1
 
 
-def test_reproduce_reports_missing_inputs_with_name_sha_and_url(tmp_path, model_dir, sdbuild):
-    assert sdbuild("build", two_step(tmp_path, model_dir), "-q").code == 0
+def test_reproduce_reports_missing_inputs_with_name_sha_and_url(tmp_path, built, model_dir, sdbuild):
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copyfile(model_dir / "b.safetensors", empty / "b.safetensors")
-    r = sdbuild("reproduce", tmp_path / "out" / "final.safetensors", "--models", empty)
+    r = sdbuild("reproduce", built / "out" / "final.safetensors", "--models", empty)
     assert r.code == 2, r
     assert "2 input(s) not found" in r.err
     assert f"A (file 'a.safetensors', sha256 {sha256(model_dir / 'a.safetensors')}, url https://example.org/a)" in r.err
@@ -165,15 +171,14 @@ def test_reproduce_refuses_files_without_provenance(tmp_path, model_dir, sdbuild
 # recipes recovered from files
 
 
-def test_recipe_from_sdbuild_provenance_rebuilds_the_same_file(tmp_path, model_dir, sdbuild):
-    assert sdbuild("build", two_step(tmp_path, model_dir), "-q").code == 0
-    out = tmp_path / "out" / "final.safetensors"
+def test_recipe_from_sdbuild_provenance_rebuilds_the_same_file(tmp_path, built, model_dir, sdbuild):
+    out = built / "out" / "final.safetensors"
     again = tmp_path / "again"
     again.mkdir()
     r = sdbuild("recipe", out, "-o", again / "final.yaml", "-q")
     assert r.code == 0, r
     rec = load_recipe(again / "final.yaml")
-    orig = load_recipe(tmp_path / "recipe.yaml")
+    orig = load_recipe(built / "recipe.yaml")
     assert {n: s.params for n, s in rec.steps.items()} == {n: s.params for n, s in orig.steps.items()}
     assert rec.card == orig.card and rec.name == orig.name
     b = sdbuild("build", again / "final.yaml", "--models", model_dir, "--cache-dir", tmp_path / "cache2", "-q")
@@ -365,10 +370,9 @@ def test_locked_build_without_a_lock_is_a_user_error(tmp_path, model_dir, sdbuil
 # provenance copied by another tool
 
 
-def _inherited_meta(model_dir: Path, tmp_path: Path, sdbuild) -> dict[str, str]:
+def _inherited_meta(built: Path) -> dict[str, str]:
     """Metadata as AUTOMATIC1111 writes it when it merges an sdbuild output with "copy metadata fields" on."""
-    assert sdbuild("build", two_step(tmp_path, model_dir), "-q").code == 0
-    _, parent = read_header(tmp_path / "out" / "final.safetensors")
+    _, parent = read_header(built / "out" / "final.safetensors")
     meta = dict(parent)
     meta["sd_merge_recipe"] = json.dumps({"type": "webui", "primary_model_hash": SHA_A, "secondary_model_hash": SHA_B,
                                           "tertiary_model_hash": None, "interp_method": "Weighted sum", "multiplier": 0.4,
@@ -379,8 +383,8 @@ def _inherited_meta(model_dir: Path, tmp_path: Path, sdbuild) -> dict[str, str]:
     return meta
 
 
-def test_copied_sdbuild_provenance_is_not_taken_for_this_files(tmp_path, model_dir, sdbuild):
-    meta = _inherited_meta(model_dir, tmp_path, sdbuild)
+def test_copied_sdbuild_provenance_is_not_taken_for_this_files(tmp_path, built, sdbuild):
+    meta = _inherited_meta(built)
     child = tmp_path / "a1111-child.safetensors"
     save_file({"model.diffusion_model.x.weight": torch.ones(3)}, str(child), metadata=meta)
     r = sdbuild("recipe", child)
@@ -395,10 +399,10 @@ def test_copied_sdbuild_provenance_is_not_taken_for_this_files(tmp_path, model_d
     assert r2.code == 2 and "are not the ones its sdbuild provenance describes" in r2.err
 
 
-def test_copied_provenance_becomes_the_ancestor_in_lineage(tmp_path, model_dir, sdbuild):
+def test_copied_provenance_becomes_the_ancestor_in_lineage(built):
     from mergekit_sd.provenance import NodeFacts, lineage_of
 
-    meta = _inherited_meta(model_dir, tmp_path, sdbuild)
+    meta = _inherited_meta(built)
     recorded = meta["sdbuild.content_digest"]
     table = lineage_of([NodeFacts(name="X", kind="input", digest="f" * 32, metadata=meta)])
     assert set(table) == {"f" * 32, recorded}

@@ -93,9 +93,29 @@ def _node_entry(n: NodeFacts, node: str) -> dict[str, Any]:
     tensor names to blocks (a rule is versioned by its id; ops report the one they resolved in their facts)."""
     e: dict[str, Any] = {"op": n.op, "version": n.version, "key": n.compute_key, "digest": n.digest if n.name != node else None}
     rule = (n.facts or {}).get("block_rule") or (n.params or {}).get("block_rule")
+    if not rule and _has_block_weights(n.params or {}):
+        try:
+            from .arch.blocks import DEFAULT_RULE
+        except ImportError:  # pragma: no cover - block weights need the rule sets
+            DEFAULT_RULE = None
+        rule = DEFAULT_RULE
     if rule:
         e["block_rule"] = rule
     return e
+
+
+def _has_block_weights(v: Any) -> bool:
+    """Does a step's parameter tree hold block weights (a list of numbers or a selector mapping of numbers)?"""
+    if isinstance(v, list):
+        if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return True
+        return any(_has_block_weights(x) for x in v)
+    if isinstance(v, dict):
+        if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()) and (
+                "default" in v or any(str(k).isupper() or str(k).startswith("re:") for k in v)):
+            return True
+        return any(_has_block_weights(x) for x in v.values())
+    return False
 
 
 def _input_entry(n: NodeFacts) -> dict[str, Any]:

@@ -456,3 +456,31 @@ def test_lineage_beyond_the_limit_keeps_only_digests(monkeypatch):
     assert list(out) == list(table)
     assert [("recipe" in e) for e in out.values()] == [True, True, False, False, False]
     assert out[f"{4:032x}"] == {"omitted": "lineage size limit"}
+
+
+def test_block_weights_are_written_as_supermerger_mbw_and_recorded_with_their_rule(tmp_path, built, model_dir, sdbuild):
+    w = "0.1,0,0,0,0,0,0,0,0,0,0,0,0,0.5,0,0,0,0,0,0.8,0,0,0,0,0,0"
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs:
+          A: {model_dir}/a.safetensors
+          B: {model_dir}/b.safetensors
+        steps:
+          m: {{op: weighted_sum, models: [A, B], alpha: "{w}"}}
+        outputs:
+          m: mbw.safetensors
+        """)
+    assert sdbuild("build", rp, "-q").code == 0
+    meta = read_header(tmp_path / "mbw.safetensors")[1]
+    rec = json.loads(meta["sd_merge_recipe"])
+    nums = [float(x) for x in w.split(",")]
+    assert rec["type"] == "sd-webui-supermerger" and rec["mbw"] is True and rec["mode"] == "Weight sum"
+    assert rec["weights_alpha"] == nums[1:] and rec["base_alpha"] == 0.1
+    assert read_provenance(meta)["nodes"]["m"]["block_rule"] == "supermerger-2025"
+    # and back: the supermerger record recovers to a recipe with the same block list, which validates
+    foreign = {"sd_merge_recipe": meta["sd_merge_recipe"], "sd_merge_models": meta["sd_merge_models"]}
+    text = a1111.recover_recipe(foreign, "mbw.safetensors")
+    step = parse_recipe(text, tmp_path / "back.yaml").steps["merged"]
+    assert step.params["alpha"] == nums
+    # a scalar step records no block rule
+    assert "block_rule" not in read_provenance(read_header(built / "out" / "final.safetensors")[1])["nodes"]["mix"]

@@ -23,7 +23,8 @@ LEGACY_SIZE = 0x10000
 EMPTY_LEGACY = "e3b0c442"  # the legacy hash of a file shorter than 1 MiB: sha256 of nothing
 
 # our ops that AUTOMATIC1111's merger can express (`interp_method`), with a scalar multiplier
-WEBUI_METHODS = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
+WEBUI_METHODS = {"weighted_sum": "Weighted sum", "add_difference": "Add difference", "sigmoid": "Sigmoid",
+                 "inverse_sigmoid": "Inverse Sigmoid"}
 # our ops that supermerger can express: op -> (mode, calcmode)
 SUPERMERGER_OPS: dict[str, tuple[str, str]] = {
     "weighted_sum": ("Weight sum", "normal"),
@@ -52,12 +53,13 @@ CALCMODE_OPS = {
     "self": "self_scale",
 }
 # how many models each op reads (formula order A, B, C)
-OP_ARITY = {"weighted_sum": 2, "add_difference": 3, "triple_sum": 3, "sum_twice": 3, "cosine_a": 2, "cosine_b": 2,
+OP_ARITY = {"weighted_sum": 2, "add_difference": 3, "sigmoid": 2, "inverse_sigmoid": 2, "triple_sum": 3, "sum_twice": 3, "cosine_a": 2, "cosine_b": 2,
             "train_difference": 3, "smooth_add": 3, "extract_merge": 3, "tensor_swap": 2, "tensor_swap2": 2,
             "self_scale": 1}
 # ops with one model that AUTOMATIC1111 would record as "No interpolation"
 PASS_THROUGH_OPS = ("prune", "convert")
 BLOCK_COUNTS = {26: "sd1", 20: "sdxl", 21: "sdxl"}
+EXTRACT_GAMMA = 0.3  # supermerger's default option(gamma), which its recipes do not record
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,14 +215,17 @@ def _parse_webui(r: Mapping[str, Any], table: Mapping[str, ModelRef]) -> MergeRe
     elif method == "Add difference":
         op, want = "add_difference", 3
         params["alpha"] = m
-    elif method == "Sigmoid":  # early A1111: A + (B - A) * smoothstep(M)
-        op, want = "weighted_sum", 2
-        params["alpha"] = m * m * (3 - 2 * m)
-        notes.append(f"interp_method 'Sigmoid' with multiplier {m} is a weighted sum with alpha = M^2*(3-2M) = {params['alpha']!r}")
-    elif method == "Inverse Sigmoid":
-        op, want = "weighted_sum", 2
-        params["alpha"] = 0.5 - math.sin(math.asin(max(-1.0, min(1.0, 1 - 2 * m))) / 3)
-        notes.append(f"interp_method 'Inverse Sigmoid' with multiplier {m} is a weighted sum with alpha = {params['alpha']!r}")
+    elif method in ("Sigmoid", "Inverse Sigmoid"):  # early A1111: A + (B - A) * M'
+        want = 2
+        op = "sigmoid" if method == "Sigmoid" else "inverse_sigmoid"
+        params["alpha"] = m
+        if _op_defaults(op) is None:  # without the legacy ops, the same formula as a weighted sum with alpha M'
+            if method == "Sigmoid":
+                params["alpha"] = m * m * (3 - 2 * m)
+            else:
+                params["alpha"] = 0.5 - math.sin(math.asin(max(-1.0, min(1.0, 1 - 2 * m))) / 3)
+            notes.append(f"interp_method {method!r} with multiplier {m} is a weighted sum with alpha M' = {params['alpha']!r}")
+            op = "weighted_sum"
     elif method == "No interpolation":
         op, want = None, 1
     else:
@@ -327,7 +332,8 @@ def _parse_supermerger(r: Mapping[str, Any], table: Mapping[str, ModelRef]) -> M
     if "alpha" not in params:
         notes.append(f"base_alpha {r.get('base_alpha')!r} is not a number; the op's default alpha is used")
     if op == "extract_merge":
-        notes.append("supermerger does not record option(gamma) for calcmode 'extract'; the op's default gamma is used")
+        notes.append(f"supermerger does not record option(gamma) for calcmode 'extract'; its default {EXTRACT_GAMMA} is used")
+        params["gamma"] = EXTRACT_GAMMA
     elem = r.get("elemental_merge")
     if elem and elem != [""]:
         entries = elem if isinstance(elem, list) else [str(elem)]
@@ -383,7 +389,7 @@ def merge_recipe_object(op: str, params: Mapping[str, Any], inputs: Sequence[Mer
     shas = [i.sha256 for i in inputs]
     alpha = params.get("alpha")
     extras = {k for k, v in params.items() if k not in ("alpha", "beta", "dtype", "on_missing", "models", "model", "block_rule") and v not in (None, "", [], {})}
-    if op in WEBUI_METHODS and _is_scalar(alpha) and not extras and len(inputs) == (2 if op == "weighted_sum" else 3):
+    if op in WEBUI_METHODS and _is_scalar(alpha) and not extras and len(inputs) == OP_ARITY[op]:
         return {
             "type": "webui",
             "primary_model_hash": shas[0],
@@ -426,8 +432,8 @@ def merge_recipe_object(op: str, params: Mapping[str, Any], inputs: Sequence[Mer
 def _supermerger_object(op: str, params: Mapping[str, Any], shas: list[str | None], extras: set[str]) -> dict[str, Any] | None:
     if op not in SUPERMERGER_OPS or extras - {"elemental", "include", "exclude", "gamma"}:
         return None
-    if "gamma" in extras:
-        return None  # supermerger cannot record option(gamma)
+    if "gamma" in extras and params.get("gamma") != EXTRACT_GAMMA:
+        return None  # supermerger does not record option(gamma); only its default replays
     arity = OP_ARITY[op]
     if len(shas) != arity:
         return None
@@ -805,7 +811,8 @@ def _recover_foreign(rec: MergeRecord, metadata: Mapping[str, str], file_name: s
         lines.append("  merged:")
         lines.append(f"    op: {rec.op}")
         arity = OP_ARITY.get(rec.op, len(names))
-        if arity == 1 or (defaults is not None and "model" in defaults and "models" not in defaults):
+        takes_one = ("model" in defaults and "models" not in defaults) if defaults is not None else arity == 1
+        if takes_one:
             lines.append(f"    model: {names[0]}")
         else:
             lines.append(f"    models: {_flow(names)}")

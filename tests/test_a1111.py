@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -138,8 +139,11 @@ def test_weighted_sum_writes_webui_fields_exactly():
     ("cosine_a", {"alpha": 0.4}, 2, "sd-webui-supermerger"),
     ("train_difference", {"alpha": 1.0}, 3, "sd-webui-supermerger"),
     ("tensor_swap", {"alpha": 0.3, "beta": 0.1}, 2, "sd-webui-supermerger"),
+    ("self_scale", {"alpha": 0.9}, 1, "sd-webui-supermerger"),
+    ("inverse_sigmoid", {"alpha": 0.4}, 2, "webui"),
     ("slerp", {"alpha": 0.5}, 2, "sdbuild"),
     ("add_difference_ties", {"alpha": 1.0, "k": 0.2, "sign_election": "mass"}, 3, "sdbuild"),
+    ("extract_merge", {"alpha": 0.5, "beta": 0.2, "gamma": 0.7}, 3, "sdbuild"),  # supermerger cannot record gamma
 ])
 def test_written_recipes_parse_back_to_the_same_step(op, params, n, flavour):
     fields = merge_fields(op, params, _inputs(n))
@@ -235,7 +239,21 @@ def test_webui_add_difference_and_legacy_sigmoid(tmp_path: Path):
     r = parse_recipe(text, tmp_path / "r.yaml")
     assert r.steps["merged"].op == "add_difference" and r.steps["merged"].refs == ("model_a", "model_b", "model_c")
     rec = parse_merge_metadata(_webui(interp_method="Sigmoid", multiplier=0.25))
+    assert rec.op == "sigmoid" and rec.params["alpha"] == 0.25 and rec.notes == []
+    inv = parse_merge_metadata(_webui(interp_method="Inverse Sigmoid", multiplier=0.25))
+    assert inv.op == "inverse_sigmoid" and inv.params["alpha"] == 0.25
+    parse_recipe(recover_recipe(_webui(interp_method="Sigmoid", multiplier=0.25)), tmp_path / "s.yaml")
+    back = parse_merge_metadata(merge_fields("sigmoid", {"alpha": 0.25}, _inputs(2)))
+    assert back.flavour == "webui" and back.op == "sigmoid" and back.params["alpha"] == 0.25
+
+
+def test_legacy_sigmoid_without_its_op_is_the_same_weighted_sum(monkeypatch):
+    real = a1111._op_defaults
+    monkeypatch.setattr(a1111, "_op_defaults", lambda op: None if op in ("sigmoid", "inverse_sigmoid") else real(op))
+    rec = parse_merge_metadata(_webui(interp_method="Sigmoid", multiplier=0.25))
     assert rec.op == "weighted_sum" and rec.params["alpha"] == pytest.approx(0.25 ** 2 * (3 - 0.5))
+    inv = parse_merge_metadata(_webui(interp_method="Inverse Sigmoid", multiplier=0.25))
+    assert inv.op == "weighted_sum" and inv.params["alpha"] == pytest.approx(0.5 - math.sin(math.asin(0.5) / 3))
 
 
 def test_webui_no_interpolation_is_a_pass_through(tmp_path: Path):
@@ -263,12 +281,17 @@ def test_supermerger_mbw_recovers_block_list():
 def test_supermerger_calcmodes_map_to_ops():
     base = {"type": "sd-webui-supermerger", "model_a": SHA_A, "model_b": SHA_B, "model_c": SHA_C, "base_alpha": 0.5,
             "base_beta": 0.2, "mbw": False, "elemental_merge": "", "Off": [""]}
+    ext = parse_merge_metadata({"sd_merge_recipe": json.dumps(dict(base, calcmode="extract", mode="Add"))})
+    assert ext.params["gamma"] == 0.3 and any("option(gamma)" in n for n in ext.notes)
     for calc, mode, op in [("cosineA", "Weight sum", "cosine_a"), ("trainDifference", "Add", "train_difference"),
                            ("smoothAdd MT", "Add difference", "smooth_add"), ("tensor2", "Weight sum", "tensor_swap2"),
                            ("self", "Weight sum", "self_scale"), ("extract", "Add", "extract_merge")]:
-        rec = parse_merge_metadata({"sd_merge_recipe": json.dumps(dict(base, calcmode=calc, mode=mode))})
+        meta = {"sd_merge_recipe": json.dumps(dict(base, calcmode=calc, mode=mode))}
+        rec = parse_merge_metadata(meta)
         assert rec.op == op, calc
         assert len(rec.models) == a1111.OP_ARITY[op]
+        step = parse_recipe(recover_recipe(meta), Path("r.yaml")).steps["merged"]  # the op's own fields, so it validates
+        assert step.op == op and len(step.refs) == a1111.OP_ARITY[op]
     rnd = parse_merge_metadata({"sd_merge_recipe": json.dumps(dict(base, calcmode="plus random", mode="Weight sum"))})
     assert rnd.op == "weighted_sum" and any("WILL differ" in n for n in rnd.notes)
 

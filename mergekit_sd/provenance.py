@@ -233,6 +233,11 @@ def modelspec_fields(recipe, node: str, nodes: list[NodeFacts], architecture: st
             titles.append((n.metadata or {}).get("modelspec.title") or (n.file or n.name).rsplit(".", 1)[0])
     if titles:
         out["modelspec.merged_from"] = ", ".join(titles)
+    if "prediction_type" not in card and output_kind != "lora":
+        declared = {(n.credits or {}).get("prediction_type") or (n.metadata or {}).get("modelspec.prediction_type")
+                    for n in nodes if n.kind == "input"} - {None, ""}
+        if len(declared) == 1:  # inputs that say what they predict agree: so does the merge
+            out["modelspec.prediction_type"] = declared.pop()
     for k, v in card.items():
         out[f"modelspec.{k}"] = v
     return out

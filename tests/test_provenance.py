@@ -484,3 +484,21 @@ def test_block_weights_are_written_as_supermerger_mbw_and_recorded_with_their_ru
     assert step.params["alpha"] == nums
     # a scalar step records no block rule
     assert "block_rule" not in read_provenance(read_header(built / "out" / "final.safetensors")[1])["nodes"]["mix"]
+
+
+def test_prediction_type_follows_inputs_that_agree(tmp_path, model_dir, sdbuild):
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs:
+          A: {{path: {model_dir}/a.safetensors, prediction_type: v}}
+          B: {{path: {model_dir}/b.safetensors, prediction_type: v}}
+          C: {model_dir}/c.safetensors
+        steps:
+          m: {{op: add_difference, models: [A, B, C], alpha: 0.5}}
+        outputs:
+          m: m.safetensors
+        """)
+    assert sdbuild("build", rp, "-q").code == 0
+    meta = read_header(tmp_path / "m.safetensors")[1]
+    assert meta["modelspec.prediction_type"] == "v"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.resolution"] == "512x512"

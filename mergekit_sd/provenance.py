@@ -3,6 +3,18 @@
 Everything is a string (safetensors metadata is str -> str) and deterministic: no timestamps, no absolute paths,
 no user or machine names. The recipe subgraph that made a node is embedded, with every input's digests, so the
 file alone says how to rebuild it.
+
+`sdbuild.provenance`, schema 1 (canonical JSON):
+  schema, tool            the schema number (readers refuse newer ones) and "sdbuild X.Y.Z"
+  node                    the recipe node this file is
+  recipe                  {sdbuild, name, card, inputs, steps, outputs}: the subgraph `node` needs, runnable as is;
+                          inputs: {name: {file (name only), digest, sha256, autov2, legacy_hash, author?, url?, ...}}
+  nodes                   {step: {op, version, key, digest (intermediate steps), block_rule?}}
+  log, facts              per step: warnings, and what the op reports (method, formula, missing keys, rule, ...)
+  lineage                 {content digest: entry} for every earlier generation, flattened and de-duplicated;
+                          an entry is an ancestor's own {schema, tool, node, recipe, nodes, facts}, or
+                          {"foreign": {sd_merge_recipe, sd_merge_models, ss_*, ...}} for files other tools made
+`sdbuild.content_digest` (the file's own tensor digest) is patched in by the writer.
 """
 
 from __future__ import annotations

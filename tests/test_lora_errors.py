@@ -141,3 +141,8 @@ def test_sd2_text_encoder_rows_and_linear_proj_in():
     with pytest.raises(UserError, match="is for SD1"):
         build_lora([from_tensors(W), from_tensors(lora, {"ss_base_model_version": "sd_v1"})],
                    {"model": "m", "loras": [{"lora": "L", "strength": 1.0}]}, ctx)
+
+
+def test_a_checkpoint_given_as_a_lora_is_refused(tmp_path, model_dir, sdbuild):
+    r = sdbuild("build", recipe(tmp_path, model_dir / "a.safetensors", model_dir / "b.safetensors"), "-q")
+    assert r.code == 2 and "is not a LoRA" in r.err and "checkpoint" in r.err, r

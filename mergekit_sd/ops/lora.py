@@ -179,10 +179,9 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
         ctx.warn(f"skipped {len(skipped)} LoRA modules (allow_unmatched): " + "; ".join(skipped))
 
     # 3. small per-module scalars (alpha, scale, on_input) and multipliers
-    modelspec_arch = model.info.get("architecture")
     strengths = []
     for i, e in enumerate(entries):
-        fn = compile_strength(e["strength"], arch, modelspec_arch, f"step {ctx.step!r} loras[{i}] strength")
+        fn = compile_strength(e["strength"], arch, f"step {ctx.step!r} loras[{i}] strength")
         te = e.get("te_strength")
         strengths.append((fn, te))
     scale_cache: dict[tuple[int, str], float] = {}
@@ -281,7 +280,8 @@ register_op(OpSpec(
     ),
     build=build_lora,
     references=_refs,
-    input_kinds=lambda params: ["checkpoint"] + ["lora"] * len(params.get("loras", [])),
+    # LoRA inputs are checked by the parser, which knows more layouts than a kind test
+    input_kinds=lambda params: ["checkpoint"] + ["any"] * len(params.get("loras", [])),
     output_kind="checkpoint",
     formula="W + Σ strength·scale·ΔW (DoRA: W + strength·(W_d − W))",
     category="lora",

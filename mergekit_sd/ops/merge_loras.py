@@ -109,7 +109,7 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
                             "use mode: concat with a full-diff LoRA")
         shapes[t] = ref
 
-    strengths = [(compile_strength(e["strength"], arch, MODELSPEC_ARCH[arch], f"step {ctx.step!r} loras[{i}] strength"),
+    strengths = [(compile_strength(e["strength"], arch, f"step {ctx.step!r} loras[{i}] strength"),
                   e.get("te_strength")) for i, e in enumerate(entries)]
     for t, parts in groups.items():
         for q in parts:
@@ -247,7 +247,8 @@ register_op(OpSpec(
     ),
     build=build_merge_loras,
     references=lambda params: [e["lora"] for e in params.get("loras", [])],
-    input_kinds=lambda params: ["lora"] * len(params.get("loras", [])),
+    # LoRA inputs are checked by the parser, which knows more layouts than a kind test
+    input_kinds=lambda params: ["any"] * len(params.get("loras", [])),
     output_kind="lora",
     formula="Σ strength·scale·ΔW as one LoRA",
     category="lora",

@@ -369,3 +369,74 @@ def test_ambiguous_dora_is_refused():
     lora = {f"{Q_MOD}.lora_up.weight": t([[1]]), f"{Q_MOD}.lora_down.weight": t([[1]]), f"{Q_MOD}.dora_scale": t([[1]])}
     with pytest.raises(UserError, match="cannot tell per-input from per-output"):
         bake_one({key: torch.eye(1)}, lora, 1.0)
+
+
+def _check_per_module(out_path: Path, W, lora, mu_of, xl: bool) -> set[float]:
+    out = load_file(str(out_path))
+    seen = set()
+    for mod in sorted({k.split(".")[0] for k in lora}):
+        key, part = ref_target(mod, xl)
+        mu = mu_of(key)
+        seen.add(mu)
+        sub = {k: v for k, v in lora.items() if k.startswith(mod + ".")}
+        expect = ref_bake({key: W[key]}, sub, mu, xl)[key]
+        if part is None:
+            torch.testing.assert_close(out[key].double(), expect, rtol=1e-5, atol=2e-6, msg=key)
+    return seen
+
+
+def test_block_weight_mapping_strength(tmp_path, model_dir, sdbuild):
+    lp = write_synth_lora(tmp_path / "l.safetensors", "sd1", "lora", 32, rank=2, seed=4, te=False)
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs: {{base: {model_dir}/a.safetensors, L: {lp}}}
+        steps:
+          baked:
+            op: lora
+            model: base
+            loras: [{{lora: L, strength: {{default: 0.5, OUT: 2, IN04-IN05: -1, "re:attn2\\\\.to_k": 0}}}}]
+            dtype: fp32
+        outputs: {{baked: out/b.safetensors}}
+        """)
+    assert sdbuild("build", rp, "-q").code == 0
+
+    def mu(key: str) -> float:
+        if "attn2.to_k" in key:
+            return 0.0
+        if ".output_blocks." in key:
+            return 2.0
+        if ".input_blocks.4." in key or ".input_blocks.5." in key:
+            return -1.0
+        return 0.5
+
+    seen = _check_per_module(tmp_path / "out" / "b.safetensors", load_file(str(model_dir / "a.safetensors")),
+                             load_file(str(lp)), mu, False)
+    assert seen == {0.0, 2.0, -1.0, 0.5}
+
+
+def test_sdxl_lbw_12_list(tmp_path, model_dir, sdbuild):
+    lp = write_synth_lora(tmp_path / "l.safetensors", "sdxl", "lora", 32, rank=2, seed=4)
+    # LBW 12: BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05
+    lbw = "0.5,1,0,1,0,1.5,0.25,0.25,0.25,0.75,0.75,0.75"
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs: {{base: {model_dir}/xl.safetensors, L: {lp}}}
+        steps:
+          baked: {{op: lora, model: base, loras: [{{lora: L, strength: "{lbw}"}}], dtype: fp32}}
+        outputs: {{baked: out/b.safetensors}}
+        """)
+    assert sdbuild("build", rp, "-q").code == 0, "build"
+    names = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)]
+    w = dict(zip(names, [float(x) for x in lbw.split(",")]))
+
+    def mu(key: str) -> float:
+        m = re.search(r"\.(input_blocks|middle_block|output_blocks)\.(\d+)", key)
+        if not key.startswith("model."):
+            return w["BASE"]
+        if m[1] == "middle_block":
+            return w["M00"]
+        return w.get(("IN" if m[1] == "input_blocks" else "OUT") + f"{int(m[2]):02d}", 1.0)
+
+    seen = _check_per_module(tmp_path / "out" / "b.safetensors", load_file(str(model_dir / "xl.safetensors")),
+                             load_file(str(lp)), mu, True)
+    assert {0.5, 0.0, 1.5, 0.25, 0.75, 1.0} <= seen

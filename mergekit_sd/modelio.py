@@ -15,7 +15,11 @@ PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def open_model(path: str | os.PathLike) -> LazyModel:
-    """A lazy model over a file; legacy pickles are read with torch's weights-only loader."""
+    """A lazy model over a file; legacy pickles are read with torch's weights-only loader.
+
+    Old NovelAI-style CLIP names and SD 2.1-Turbo's SGM names are renamed on load (as AUTOMATIC1111 does), so such
+    files merge key for key with everything else.
+    """
     p = Path(path)
     ext = p.suffix.lower()
     if ext in PICKLE_EXT:
@@ -23,7 +27,9 @@ def open_model(path: str | os.PathLike) -> LazyModel:
 
         return open_ckpt(p)
     if ext in SAFETENSORS_EXT or ext == "":
-        return SafetensorsFile(p).lazy()
+        from .ckpt import rename_model
+
+        return rename_model(SafetensorsFile(p).lazy())
     raise UserError(f"unsupported model file type {ext!r}; use .safetensors (or a legacy .ckpt/.pt)", str(p))
 
 

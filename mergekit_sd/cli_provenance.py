@@ -54,6 +54,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rep.as_json(), indent=2, sort_keys=True))
     elif not args.quiet:
+        for name, path in rep.inputs.items():
+            print(f"input {name}: {path}", file=sys.stderr)
         for note in rep.notes:
             print(f"note: {note}", file=sys.stderr)
         same = "identical bytes" if rep.same_bytes else "identical tensors (metadata differs)"

@@ -59,6 +59,7 @@ OP_ARITY = {"weighted_sum": 2, "add_difference": 3, "sigmoid": 2, "inverse_sigmo
 # ops with one model that AUTOMATIC1111 would record as "No interpolation"
 PASS_THROUGH_OPS = ("prune", "convert")
 BLOCK_COUNTS = {26: "sd1", 20: "sdxl", 21: "sdxl"}
+SUPERMERGER_RULE = "supermerger-2025"  # the block rule current supermerger applies (recipes recovered from it use it)
 EXTRACT_GAMMA = 0.3  # supermerger's default option(gamma), which its recipes do not record
 
 
@@ -340,8 +341,10 @@ def _parse_supermerger(r: Mapping[str, Any], table: Mapping[str, ModelRef]) -> M
         params["elemental"] = [str(e) for e in entries if str(e).strip()]
     for inex in ("Include", "Exclude"):
         v = r.get(inex)
-        if isinstance(v, list) and any(str(x).strip() for x in v):
-            params[inex.lower()] = [str(x) for x in v if str(x).strip()]
+        if isinstance(v, list):
+            items = [str(x).strip() for x in v if str(x).strip() and str(x).strip() != "print"]  # `print` is a debug switch
+            if items:
+                params[inex.lower()] = items
     # supermerger copies keys present in B but missing from A into the output (FORMATS.md §2.2 stage 2)
     if arity >= 2:
         params["on_missing"] = "take_b"
@@ -432,6 +435,8 @@ def merge_recipe_object(op: str, params: Mapping[str, Any], inputs: Sequence[Mer
 def _supermerger_object(op: str, params: Mapping[str, Any], shas: list[str | None], extras: set[str]) -> dict[str, Any] | None:
     if op not in SUPERMERGER_OPS or extras - {"elemental", "include", "exclude", "gamma"}:
         return None
+    if params.get("block_rule") not in (None, SUPERMERGER_RULE):
+        return None  # supermerger's record cannot say which key->block rule mapped the weights
     if "gamma" in extras and params.get("gamma") != EXTRACT_GAMMA:
         return None  # supermerger does not record option(gamma); only its default replays
     arity = OP_ARITY[op]

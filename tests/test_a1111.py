@@ -177,6 +177,14 @@ def test_sdxl_block_weights_get_the_vae_slot():
     assert parse_merge_metadata({"sd_merge_recipe": json.dumps(rec)}).params["alpha"] == w
 
 
+def test_a_chosen_block_rule_other_than_supermerger_s_falls_back_to_sdbuild_type():
+    w = [0.5] * 25 + [0.1]
+    rec = json.loads(merge_fields("weighted_sum", {"alpha": w, "block_rule": "sd-mecha"}, _inputs(2))["sd_merge_recipe"])
+    assert rec["type"] == "sdbuild" and rec["params"]["block_rule"] == "sd-mecha"
+    rec2 = json.loads(merge_fields("weighted_sum", {"alpha": w, "block_rule": "supermerger-2025"}, _inputs(2))["sd_merge_recipe"])
+    assert rec2["type"] == "sd-webui-supermerger"
+
+
 def test_selector_mapping_weights_fall_back_to_sdbuild_type():
     params = {"alpha": {"default": 0.5, "OUT": 0.8}}
     rec = json.loads(merge_fields("weighted_sum", params, _inputs(2))["sd_merge_recipe"])
@@ -325,3 +333,20 @@ def test_newer_provenance_schema_is_refused():
     from mergekit_sd.provenance import SCHEMA_VERSION
 
     assert a1111.PROVENANCE_SCHEMA == SCHEMA_VERSION
+
+
+def test_supermerger_elemental_and_include_recover_to_step_fields(tmp_path: Path):
+    rec = {"type": "sd-webui-supermerger", "weights_alpha": None, "weights_beta": None, "weights_alpha_orig": None,
+           "weights_beta_orig": None, "model_a": SHA_A, "model_b": SHA_B, "model_c": SHA_A, "base_alpha": 0.4, "base_beta": 0.25,
+           "mode": "Weight sum", "mbw": False, "elemental_merge": ["OUT06:attn:0.5", "OUT06:attn2.to_k:0.2"],
+           "calcmode": "normal", "Include": ["IN04", "OUT", "attn", "print"]}
+    text = recover_recipe({"sd_merge_recipe": json.dumps(rec)})
+    assert "NOTE" not in text
+    step = parse_recipe(text, tmp_path / "r.yaml").steps["merged"]
+    assert step.params["alpha"] == 0.4
+    assert step.params["elemental"] == ["OUT06:attn:0.5", "OUT06:attn2.to_k:0.2"]
+    assert sorted(step.params["include"]) == ["IN04", "OUT", "attn"]
+    # and written back the same way
+    back = json.loads(merge_fields("weighted_sum", dict(step.params), _inputs(2))["sd_merge_recipe"])
+    assert back["elemental_merge"] == rec["elemental_merge"] and sorted(back["Include"]) == ["IN04", "OUT", "attn"]
+    assert "Off" not in back and back["mode"] == "Weight sum"

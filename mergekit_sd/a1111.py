@@ -59,6 +59,7 @@ OP_ARITY = {"weighted_sum": 2, "add_difference": 3, "sigmoid": 2, "inverse_sigmo
 # ops with one model that AUTOMATIC1111 would record as "No interpolation"
 PASS_THROUGH_OPS = ("prune", "convert")
 BLOCK_COUNTS = {26: "sd1", 20: "sdxl", 21: "sdxl"}
+ANCESTRY_LIMIT = 2_000_000  # characters of inherited sd_merge_models entries carried forward
 SUPERMERGER_RULE = "supermerger-2025"  # the block rule current supermerger applies (recipes recovered from it use it)
 EXTRACT_GAMMA = 0.3  # supermerger's default option(gamma), which its recipes do not record
 
@@ -514,9 +515,14 @@ def merge_models_object(inputs: Sequence[MergeInput]) -> dict[str, Any]:
         if not i.sha256:
             continue
         out[i.sha256] = {"name": i.name, "legacy_hash": i.legacy_hash or "", "sd_merge_recipe": dict(i.recipe) if i.recipe else None}
+    size = len(json.dumps(out))
     for i in inputs:
         for sha, entry in (i.models or {}).items():
             if sha not in out and isinstance(entry, dict):
+                n = len(json.dumps(entry)) + len(sha) + 6
+                if size + n > ANCESTRY_LIMIT:
+                    continue  # a hostile or absurd ancestry table must not push the header towards 100 MB
+                size += n
                 out[sha] = entry
     return out
 

@@ -350,3 +350,12 @@ def test_supermerger_elemental_and_include_recover_to_step_fields(tmp_path: Path
     back = json.loads(merge_fields("weighted_sum", dict(step.params), _inputs(2))["sd_merge_recipe"])
     assert back["elemental_merge"] == rec["elemental_merge"] and sorted(back["Include"]) == ["IN04", "OUT", "attn"]
     assert "Off" not in back and back["mode"] == "Weight sum"
+
+
+def test_inherited_ancestry_is_capped(monkeypatch):
+    monkeypatch.setattr(a1111, "ANCESTRY_LIMIT", 600)
+    table = {f"{i:064x}": {"name": f"m{i}.safetensors", "legacy_hash": "00000000", "sd_merge_recipe": None} for i in range(20)}
+    parent = MergeInput(SHA_C, "parent.safetensors", "cccccccc", None, table)
+    out = a1111.merge_models_object([MergeInput(SHA_A, "a.safetensors", "aaaaaaaa"), parent])
+    assert list(out)[:2] == [SHA_A, SHA_C]  # the step's own inputs always
+    assert 2 < len(out) < 22 and len(json.dumps(out)) <= 700

@@ -195,7 +195,7 @@ def test_ghostxl_recipe_validates_and_builds_with_standins(tmp_path, sdbuild):
     parse_recipe(text, tmp_path / "ghost.yaml")  # validates as written
     stand = tmp_path / "standins"
     for i, sha in enumerate((SHA_A, SHA_B, SHA_C)):
-        p = write_synth(stand / f"xl{i}.safetensors", "sdxl", 32, "fp16", 10 + i)
+        p = write_synth(stand / f"xl{i}.safetensors", "sdxl", 64, "fp16", 10 + i)
         text = text.replace(sha, sha256(p))
     rp = tmp_path / "ghost.yaml"
     rp.write_text(text)
@@ -285,11 +285,11 @@ def test_fifty_generation_lineage_stays_small(tmp_path):
 
 def test_inspect_tree_shows_generations_and_foreign_lineage(tmp_path, model_dir, sdbuild):
     ghost = tmp_path / "ghost.safetensors"
-    spec_src = model_dir / "xl.safetensors"
+    spec_src = model_dir / "a.safetensors"
     from safetensors.torch import load_file
 
-    other = write_synth(tmp_path / "other.safetensors", "sdxl", 32, "fp16", 77)
-    save_file(load_file(str(other)), str(ghost), metadata=GHOSTXL)  # an SDXL model carrying supermerger's recipe
+    # a model carrying supermerger's recipe (GhostXL's metadata on a small SD1 stand-in: only the text matters here)
+    save_file(load_file(str(model_dir / "b.safetensors")), str(ghost), metadata=GHOSTXL)
     rp = write_recipe(tmp_path, f"""
         sdbuild: 1
         name: child
@@ -307,7 +307,7 @@ def test_inspect_tree_shows_generations_and_foreign_lineage(tmp_path, model_dir,
         name: grandchild
         inputs:
           C: child.safetensors
-          X: {spec_src}
+          X: {model_dir}/c.safetensors
         steps:
           g: {{op: weighted_sum, models: [C, X], alpha: 0.5}}
         outputs:

@@ -121,7 +121,7 @@ def merge_method(
 
 
 _LOADED = False
-BUILTIN_MODULES = ["basic"]
+BUILTIN_MODULES = ["basic", "a1111", "supermerger", "interp", "ties", "average"]
 
 
 def load_methods() -> dict[str, Method]:

@@ -4,6 +4,11 @@ Per tensor: non-float tensors and CLIP `position_ids` are copied from the first 
 keys missing from another model follow `on_missing`; shapes must agree except the inpainting/pix2pix dim-1 rule
 (FORMATS.md §2.4); math runs in fp32 on the chosen device and is rounded once to the output dtype; a non-finite
 result fails the step naming the tensor.
+
+Before any tensor is read: every input's architecture is detected from its header and two different architectures
+stop the step naming both files; block weights, `elemental`, `include` and `exclude` are resolved to one value (or
+"not merged") per tensor with the step's `block_rule` (FORMATS.md §3), so an uncovered tensor or an out-of-range
+weight is reported as a recipe error, not halfway through a build.
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ from typing import Any
 
 import torch
 
+from ..arch.blocks import (
+    DEFAULT_RULE, RULES, compile_elemental, compile_inex, elemental_value, get_rule, merged_by_inex, normalize_elemental,
+    normalize_inex,
+)
+from ..arch.detect import ArchInfo, detect
 from ..errors import StepError, UserError
 from ..lazy import LazyModel, TensorSpec
 from ..methods import Method, load_methods
 from ..tensorio import DTYPE_NAMES
-from ..weights import compile_weight, normalize_weight
+from ..weights import compile_weight, is_block_weight, normalize_weight
 from . import DTYPE_FIELD, REQUIRED, Field, OpContext, OpSpec, register_op
 
 KERNEL_VERSION = 1
@@ -74,6 +84,94 @@ def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: to
     return out.reshape(shape), finite
 
 
+def model_arch(model: LazyModel) -> ArchInfo:
+    a = model.info.get("arch")
+    return a if isinstance(a, ArchInfo) else detect(model.specs)
+
+
+def check_architectures(inputs: list[LazyModel], names: list[str], step: str) -> list[ArchInfo]:
+    """Detect every input's architecture from its header; two different known architectures are a user error."""
+    archs = [model_arch(m) for m in inputs]
+    ref = next((i for i, a in enumerate(archs) if a.known), None)
+    if ref is not None:
+        for i, a in enumerate(archs):
+            if a.known and a.arch != archs[ref].arch:
+                raise UserError(f"step {step!r}: cannot merge {names[ref]} ({archs[ref].describe()}) with {names[i]} ({a.describe()}): "
+                                "different model architectures")
+    return archs
+
+
+class ResolvedWeights:
+    """Per-tensor weights decided at build time: constants, per-key tables for varying weights, the rule used."""
+
+    def __init__(self) -> None:
+        self.constants: dict[str, float] = {}
+        self.tables: dict[str, dict[str, float]] = {}
+        self.rule: str | None = None
+        self.not_merged = 0
+
+
+def resolve_weights(method: Method, params: dict, plan: dict[str, str], arch: ArchInfo, label: str, step: str) -> ResolvedWeights:
+    """Resolve block weights, elemental, include/exclude and the rule's unmerged keys; demotes skipped keys in `plan`."""
+    out = ResolvedWeights()
+    wparams = [p for p in method.params if p.kind == "weight"]
+    values = {p.name: params.get(p.name, None if p.required else float(p.default)) for p in wparams}
+    elemental = params.get("elemental")
+    include, exclude = params.get("include"), params.get("exclude")
+    explicit_rule = params.get("block_rule")
+    varying = [n for n, v in values.items() if is_block_weight(v)]
+    blocky = bool(varying or elemental or include or exclude or explicit_rule)
+    family = arch.family
+    if varying and family is None:
+        raise UserError(f"step {step!r}: block weights for {varying[0]!r} need a known architecture (SD1, SD2 or SDXL), "
+                        f"but {label} is {arch.describe()}; use a number")
+    if elemental and "alpha" not in values:
+        raise UserError(f"step {step!r}: elemental sets alpha, but {method.name} has no alpha")
+    rule = get_rule(explicit_rule, f"step {step!r} field 'block_rule'")
+    if blocky:
+        out.rule = rule.id
+    merged = [k for k, how in plan.items() if how in ("merge", "dim1")]
+    if family is not None and blocky:
+        rule.block("model.diffusion_model.out.0.weight", family)  # a rule without a map for this family fails here
+    inc = compile_inex(include, family, f"step {step!r} field 'include'")
+    exc = compile_inex(exclude, family, f"step {step!r} field 'exclude'")
+    blocks: dict[str, str | None] = {}
+    for k in merged:
+        block = rule.block(k, family) if family is not None else None
+        if explicit_rule and family is not None and block is None:
+            plan[k] = "copy:0"
+            out.not_merged += 1
+            continue
+        if (inc or exc) and not merged_by_inex(inc, exc, k, (block or "BASE") if family else None, family):
+            plan[k] = "copy:0"
+            out.not_merged += 1
+            continue
+        blocks[k] = (block or "BASE") if family is not None else None
+    fns = {n: compile_weight(values[n], arch=arch, rule=rule.id, where=f"step {step!r} field {n!r}") for n in varying}
+    for n, v in values.items():
+        if n not in fns:
+            out.constants[n] = v
+    for n, fn in fns.items():
+        out.tables[n] = {k: fn(k) for k in blocks}
+    if elemental:
+        entries = compile_elemental(elemental, family, f"step {step!r} field 'elemental'")
+        base = out.tables.get("alpha")
+        const = out.constants.pop("alpha", None)
+        out.tables["alpha"] = {k: elemental_value(entries, k, blocks[k], family, base[k] if base else const) for k in blocks}
+    check = getattr(method.fn, "weight_check", None)
+    if check is not None:
+        if out.tables:
+            for k in blocks:
+                err = check(**out.constants, **{n: t[k] for n, t in out.tables.items()})
+                if err:
+                    raise UserError(f"step {step!r}: {err} (tensor {k})")
+        else:
+            err = check(**out.constants)
+            if err:
+                raise UserError(f"step {step!r}: {err}")
+    return out
+
+
 def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyModel:
     n = len(inputs)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
@@ -81,6 +179,7 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         raise UserError(f"step {ctx.step!r}: {method.name} takes {want} models, got {n}")
     first = inputs[0]
     names = ctx.input_labels or [m.label for m in inputs]
+    archs = check_architectures(inputs, names, ctx.step)
     on_missing = params.get("on_missing") or "keep_a"
     specs: dict[str, TensorSpec] = {}
     plan: dict[str, str] = {}  # key -> "merge" | "copy:<i>" | "dim1"
@@ -121,11 +220,9 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
                     + (" (for an inpainting merge the inpainting model must come first)" if dim1_compatible(spec.shape, other.shape) else "")
                 )
         specs[key] = TensorSpec(output_dtype(params, spec), spec.shape)
-    arch = first.info.get("architecture")
-    rule = params.get("block_rule")
-    weight_fns = {p.name: compile_weight(params[p.name], arch=arch, rule=rule, where=f"step {ctx.step!r} field {p.name!r}")
-                  for p in method.params if p.kind == "weight"}
-    plain = {p.name: params[p.name] for p in method.params if p.kind != "weight"}
+    resolved = resolve_weights(method, params, plan, archs[0], names[0], ctx.step)
+    weights, tables = resolved.constants, resolved.tables
+    plain = {p.name: params.get(p.name, p.default) for p in method.params if p.kind != "weight"}
     context = method.prepare(inputs, params, ctx) if method.prepare else None
     device = ctx.device
 
@@ -135,7 +232,9 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         if how.startswith("copy:"):
             t = inputs[int(how[5:])].get(key)
             return t if t.dtype == spec.dtype else t.to(spec.dtype)
-        kwargs: dict[str, Any] = {name: fn(key) for name, fn in weight_fns.items()}
+        kwargs: dict[str, Any] = dict(weights)
+        for name, table in tables.items():
+            kwargs[name] = table[key]
         kwargs.update(plain)
         if "key" in method.engine_kwargs:
             kwargs["key"] = key
@@ -160,7 +259,17 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         return out
 
     info = dict(first.info)
+    info.setdefault("arch", archs[0])
+    if not info.get("architecture") and archs[0].modelspec:
+        info["architecture"] = archs[0].modelspec
     prov: dict[str, Any] = {"method": method.name, "formula": method.formula}
+    if archs[0].known:
+        prov["architecture"] = archs[0].describe()
+    if resolved.rule is not None:
+        prov["block_rule"] = resolved.rule
+    if resolved.not_merged:
+        prov["not_merged"] = resolved.not_merged
+        ctx.warn(f"{resolved.not_merged} tensors kept from the first model by block_rule/include/exclude")
     if missing:
         prov["missing_keys"] = {k: len(v) for k, v in missing.items()}
         for kind, ks in missing.items():
@@ -172,12 +281,31 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
     return LazyModel(specs, produce, first.metadata, label=ctx.step, info=info)
 
 
+BLOCK_FIELDS = (
+    Field("block_rule", "choice", None, tuple(RULES),
+          f"which tool's key-to-block mapping block weights follow (default {DEFAULT_RULE}); recorded in provenance"),
+    Field("elemental", "any", None, doc="supermerger elemental merge: BLOCKS:ELEMENTS:RATIO entries overriding alpha per tensor",
+          validate=normalize_elemental,
+          schema={"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+    Field("include", "list", None, doc="merge only these blocks (IN04, IN00-IN05, OUT, VAE), re:<regex> or key substrings",
+          validate=normalize_inex,
+          schema={"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+    Field("exclude", "list", None, doc="keep the first model's tensors for these blocks, re:<regex> or key substrings",
+          validate=normalize_inex,
+          schema={"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+)
+
+
 def _make_op(method: Method) -> OpSpec:
-    fields = [Field("models", "refs", doc=f"models in formula order: {', '.join(method.model_names)}")]
+    if method.max_models == 1:
+        fields = [Field("model", "ref", doc=f"the model ({method.model_names[0]})")]
+    else:
+        fields = [Field("models", "refs", doc=f"models in formula order: {', '.join(method.model_names)}")]
     fields += [_param_field(p) for p in method.params]
     fields += [
         DTYPE_FIELD,
         Field("on_missing", "choice", "keep_a", ON_MISSING, "a tensor missing from a later model: keep A's, take the later model's, or fail"),
+        *BLOCK_FIELDS,
     ]
     return OpSpec(
         name=method.name,

@@ -103,7 +103,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def inspect_tree(args: argparse.Namespace) -> int:
     from .reproduce import lineage_tree
 
-    sys.stdout.write(lineage_tree(args.file))
+    sys.stdout.write(lineage_tree(args.file, as_json=getattr(args, "json", False)))
     return 0
 
 

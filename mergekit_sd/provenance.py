@@ -387,3 +387,50 @@ def _render_foreign(foreign: Mapping[str, str], lines: list[str], prefix: str) -
         lines.append(f"{sub}{branch}{m.name or '?'}  [sha256 {(m.sha256 or '')[:10]}{', legacy ' + m.legacy_hash if m.legacy_hash else ''}]")
     if rec.ancestry:
         lines.append(f"{sub}└─ earlier: " + ", ".join(f"{(r.name or '?')} [{sha[:10]}]" for sha, r in sorted(rec.ancestry.items())))
+
+
+def lineage_json(metadata: Mapping[str, str], file_name: str) -> dict[str, Any]:
+    """The lineage as nested JSON: each generation's recipe, steps and inputs, each input with its own lineage."""
+    prov = read_provenance(metadata)
+    out: dict[str, Any] = {"file": file_name, "digest": metadata.get(CONTENT_DIGEST_KEY)}
+    if prov is not None:
+        out.update(_json_prov(prov, prov.get("lineage") or {}, set()))
+        return out
+    entry = lineage_entry(metadata)
+    out["foreign"] = _json_foreign(entry["foreign"]) if entry and "foreign" in entry else None
+    return out
+
+
+def _json_prov(prov: Mapping[str, Any], table: Mapping[str, Any], seen: set[str]) -> dict[str, Any]:
+    recipe = prov.get("recipe") or {}
+    inputs: dict[str, Any] = {}
+    for name, e in (recipe.get("inputs") or {}).items():
+        d = e.get("digest") or ""
+        item = {k: e.get(k) for k in ("file", "digest", "sha256", "author", "url") if e.get(k)}
+        entry = table.get(d)
+        if entry is not None:
+            if d in seen:
+                item["lineage"] = {"see": d}
+            else:
+                seen.add(d)
+                if "recipe" in entry:
+                    item["lineage"] = _json_prov(entry, table, seen)
+                elif "foreign" in entry:
+                    item["lineage"] = {"foreign": _json_foreign(entry["foreign"])}
+                else:
+                    item["lineage"] = dict(entry)
+        inputs[name] = item
+    return {"tool": prov.get("tool"), "recipe": recipe.get("name"), "node": prov.get("node"),
+            "steps": recipe.get("steps") or {}, "nodes": prov.get("nodes") or {}, "inputs": inputs}
+
+
+def _json_foreign(foreign: Mapping[str, str]) -> dict[str, Any]:
+    from .a1111 import parse_merge_metadata
+
+    rec = parse_merge_metadata(foreign)
+    if rec is None:
+        return {"kohya": {k: v for k, v in foreign.items() if k in ("ss_output_name", "ss_sd_model_name", "ss_network_module",
+                                                                     "ss_base_model_version")}}
+    return {"flavour": rec.flavour, "op": rec.op, "params": rec.params, "notes": rec.notes,
+            "models": [{"sha256": m.sha256, "name": m.name, "legacy_hash": m.legacy_hash} for m in rec.models],
+            "ancestry": {sha: {"name": r.name, "legacy_hash": r.legacy_hash} for sha, r in sorted(rec.ancestry.items())}}

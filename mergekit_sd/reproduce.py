@@ -287,9 +287,14 @@ def hash_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str
 # lineage tree
 
 
-def lineage_tree(path: str | os.PathLike) -> str:
-    """The lineage of a model as an indented tree: steps, inputs, and the generations before them."""
-    from .provenance import lineage_lines
+def lineage_tree(path: str | os.PathLike, as_json: bool = False) -> str:
+    """The lineage of a model as an indented tree (or nested JSON): steps, inputs, and the generations before them."""
+    import json
+
+    from .provenance import lineage_json, lineage_lines
 
     p = Path(path)
-    return "\n".join(lineage_lines(read_metadata(p), p.name)) + "\n"
+    meta = read_metadata(p)
+    if as_json:
+        return json.dumps(lineage_json(meta, p.name), indent=2, sort_keys=True) + "\n"
+    return "\n".join(lineage_lines(meta, p.name)) + "\n"

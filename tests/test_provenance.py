@@ -322,6 +322,13 @@ def test_inspect_tree_shows_generations_and_foreign_lineage(tmp_path, model_dir,
     assert "recipe 'child', node 'm'" in r.out
     assert "└─ sd-webui-supermerger merge: triple_sum (alpha 0.15, beta 0.15, on_missing take_b)" in r.out
     assert "SDXL_train_ghost_test2  [sha256 3fe89f167d, legacy f61799f2]" in r.out
+    j = json.loads(sdbuild("inspect", "--tree", "--json", tmp_path / "grandchild.safetensors").out)
+    assert j["recipe"] == "grandchild" and j["node"] == "g"
+    child = j["inputs"]["C"]["lineage"]
+    assert child["recipe"] == "child" and child["steps"]["m"]["alpha"] == 0.25
+    ghost_lineage = child["inputs"]["G"]["lineage"]["foreign"]
+    assert ghost_lineage["flavour"] == "sd-webui-supermerger" and ghost_lineage["op"] == "triple_sum"
+    assert [m["sha256"] for m in ghost_lineage["models"]] == [SHA_A, SHA_B, SHA_C]
     # the foreign recipe was kept verbatim in the child's lineage
     prov = read_provenance(read_header(tmp_path / "grandchild.safetensors")[1])
     foreign = [e for e in prov["lineage"].values() if "foreign" in e]

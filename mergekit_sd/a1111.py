@@ -409,6 +409,23 @@ def merge_recipe_object(op: str, params: Mapping[str, Any], inputs: Sequence[Mer
             "is_inpainting": False,
             "is_instruct_pix2pix": False,
         }
+    if op == "vae" and len(inputs) == 2:  # AUTOMATIC1111 bakes a VAE during a "No interpolation" merge
+        return {
+            "type": "webui",
+            "primary_model_hash": shas[0],
+            "secondary_model_hash": None,
+            "tertiary_model_hash": None,
+            "interp_method": "No interpolation",
+            "multiplier": 0.0,
+            "save_as_half": params.get("dtype") == "fp16",
+            "custom_name": custom_name,
+            "config_source": 3,  # "Don't": sdbuild copies no .yaml configs
+            "bake_in_vae": inputs[1].name,
+            "discard_weights": "",
+            "is_inpainting": False,
+            "is_instruct_pix2pix": False,
+            "sdbuild_op": op,
+        }
     if op in PASS_THROUGH_OPS and len(inputs) == 1:
         return {
             "type": "webui",

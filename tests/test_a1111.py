@@ -359,3 +359,11 @@ def test_inherited_ancestry_is_capped(monkeypatch):
     out = a1111.merge_models_object([MergeInput(SHA_A, "a.safetensors", "aaaaaaaa"), parent])
     assert list(out)[:2] == [SHA_A, SHA_C]  # the step's own inputs always
     assert 2 < len(out) < 22 and len(json.dumps(out)) <= 700
+
+
+def test_vae_bake_is_written_as_automatic1111_bake_in_vae():
+    rec = json.loads(merge_fields("vae", {"dtype": None}, _inputs(2), custom_name="baked")["sd_merge_recipe"])
+    assert rec["interp_method"] == "No interpolation" and rec["primary_model_hash"] == SHA_A
+    assert rec["bake_in_vae"] == "m1.safetensors" and rec["sdbuild_op"] == "vae"
+    models = json.loads(merge_fields("vae", {}, _inputs(2))["sd_merge_models"])
+    assert list(models) == [SHA_A, SHA_B]  # the VAE file is listed with its hashes

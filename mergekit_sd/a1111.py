@@ -393,7 +393,9 @@ def merge_recipe_object(op: str, params: Mapping[str, Any], inputs: Sequence[Mer
     shas = [i.sha256 for i in inputs]
     alpha = params.get("alpha")
     extras = {k for k, v in params.items() if k not in ("alpha", "beta", "dtype", "on_missing", "models", "model", "block_rule") and v not in (None, "", [], {})}
-    if op in WEBUI_METHODS and _is_scalar(alpha) and not extras and len(inputs) == OP_ARITY[op]:
+    # AUTOMATIC1111 keeps A's tensors where B has none and drops B-only tensors: only `on_missing: keep_a` is its merge
+    webui_keys = params.get("on_missing") in (None, "keep_a")
+    if op in WEBUI_METHODS and _is_scalar(alpha) and not extras and webui_keys and len(inputs) == OP_ARITY[op]:
         return {
             "type": "webui",
             "primary_model_hash": shas[0],
@@ -452,6 +454,8 @@ def merge_recipe_object(op: str, params: Mapping[str, Any], inputs: Sequence[Mer
 
 def _supermerger_object(op: str, params: Mapping[str, Any], shas: list[str | None], extras: set[str]) -> dict[str, Any] | None:
     if op not in SUPERMERGER_OPS or extras - {"elemental", "include", "exclude", "gamma"}:
+        return None
+    if params.get("on_missing") == "error":
         return None
     if params.get("block_rule") not in (None, SUPERMERGER_RULE):
         return None  # supermerger's record cannot say which key->block rule mapped the weights

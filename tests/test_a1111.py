@@ -367,3 +367,10 @@ def test_vae_bake_is_written_as_automatic1111_bake_in_vae():
     assert rec["bake_in_vae"] == "m1.safetensors" and rec["sdbuild_op"] == "vae"
     models = json.loads(merge_fields("vae", {}, _inputs(2))["sd_merge_models"])
     assert list(models) == [SHA_A, SHA_B]  # the VAE file is listed with its hashes
+
+
+def test_missing_key_policy_picks_the_record_that_matches_it():
+    ws = lambda on: json.loads(merge_fields("weighted_sum", {"alpha": 0.3, "on_missing": on}, _inputs(2))["sd_merge_recipe"])
+    assert ws("keep_a")["type"] == "webui"
+    assert ws("take_b")["type"] == "sd-webui-supermerger"  # supermerger copies B-only tensors, as take_b does
+    assert ws("error")["type"] == "sdbuild"

@@ -238,11 +238,17 @@ def test_sd1_every_format_matches_reference(fmt, tmp_path, model_dir, sdbuild):
     assert_matches(tmp_path / "out" / "baked.safetensors", ref_bake(W, lora, 0.7, xl=False))
 
 
-@pytest.mark.parametrize("fmt,naming", [("lora", None), ("lora", "diffusers"), ("locon", None), ("loha", None),
+# a slice of SDXL's modules: both text encoders (TE2 q/k/v rows), attention levels 1 and 2, the middle block,
+# ResBlocks and the up/down samplers
+XL_ONLY = ["te1_text_model_encoder_layers_1_", "te2_text_model_encoder_layers_2_", "input_blocks_4_", "input_blocks_3_0_op",
+           "middle_block_1_transformer_blocks_9", "middle_block_2_", "output_blocks_2_", "output_blocks_5_1_transformer_blocks_1"]
+
+
+@pytest.mark.parametrize("fmt,naming", [("lora", None), ("lora", "diffusers"), ("locon", "diffusers"), ("loha", None),
                                         ("lokr", None), ("full", None), ("ia3", None), ("dora_out", None),
                                         ("peft_dora", None), ("diffusers_old", None)])
 def test_sdxl_formats_match_reference(fmt, naming, tmp_path, model_dir, sdbuild):
-    lp = write_synth_lora(tmp_path / f"{fmt}.safetensors", "sdxl", fmt, 32, rank=3, seed=6, naming=naming)
+    lp = write_synth_lora(tmp_path / f"{fmt}.safetensors", "sdxl", fmt, 32, rank=3, seed=6, naming=naming, only=XL_ONLY)
     r = sdbuild("build", bake_recipe(tmp_path, model_dir / "xl.safetensors", [(lp, -0.4)]), "-q")
     assert r.code == 0, r
     W = load_file(str(model_dir / "xl.safetensors"))
@@ -415,7 +421,9 @@ def test_block_weight_mapping_strength(tmp_path, model_dir, sdbuild):
 
 
 def test_sdxl_lbw_12_list(tmp_path, model_dir, sdbuild):
-    lp = write_synth_lora(tmp_path / "l.safetensors", "sdxl", "lora", 32, rank=2, seed=4)
+    lp = write_synth_lora(tmp_path / "l.safetensors", "sdxl", "lora", 32, rank=2, seed=4, only=XL_ONLY + ["input_blocks_7_1_transformer_blocks_0_attn1",
+                                                                                          "input_blocks_8_1_transformer_blocks_3_ff", "output_blocks_0_1_transformer_blocks_0_attn2",
+                                                                                          "output_blocks_4_1_transformer_blocks_0_attn2", "output_blocks_3_1_proj_in"])
     # LBW 12: BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05
     lbw = "0.5,1,0,1,0,1.5,0.25,0.25,0.25,0.75,0.75,0.75"
     rp = write_recipe(tmp_path, f"""

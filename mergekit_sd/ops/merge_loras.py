@@ -73,7 +73,9 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
     if mode == "concat" and (rank is not None or conv_rank is not None or clamp is not None):
         raise UserError(f"step {ctx.step!r}: rank, conv_rank and clamp_quantile apply to mode svd only")
     labels = [f"{e['lora']!r}" for e in entries]
-    te1_guess = "lora_te1" if any(k.startswith(("text_encoder_2.", "lora_te2_", "lora_te1_")) for m in inputs for k in m.specs) else "lora_te"
+    xl = any(declared_arch(m.metadata)[0] == "sdxl" for m in inputs) or any(
+        k.startswith(("text_encoder_2.", "lora_te2_", "lora_te1_")) for m in inputs for k in m.specs)
+    te1_guess = "lora_te1" if xl else "lora_te"
     parsed = [parse_lora(m.specs, label, te1_guess) for m, label in zip(inputs, labels)]
     arch = _arch_of(parsed, inputs, labels)
     tab = table(arch)

@@ -80,3 +80,14 @@ def validate_lora_entries(value: Any, where: str, *, te: bool = True) -> list[di
             entry["te_strength"] = _number(e["te_strength"], f"{w}: te_strength")
         out.append(entry)
     return out
+
+
+def entries_schema(te: bool = True) -> dict:
+    """JSON Schema of a `loras:` list (for `sdbuild schema`)."""
+    props: dict[str, Any] = {"lora": {"type": "string"},
+                             "strength": {"description": "number, block weights mapping, or an LBW list/string (17/26 SD1/SD2, 12/20 SDXL)"}}
+    if te:
+        props["te_strength"] = {"type": "number", "description": "multiplier of text-encoder modules (default: strength)"}
+    return {"type": "array", "minItems": 1,
+            "items": {"oneOf": [{"type": "string"},
+                                {"type": "object", "required": ["lora"], "additionalProperties": False, "properties": props}]}}

@@ -21,7 +21,7 @@ from ..lazy import LazyModel, TensorSpec
 from ..lora.delta import (bias_role, compute_delta, delta_shape, dora_convention, dora_weight, fits, ia3_delta,
                           module_scale)
 from ..lora.formats import ALGO_TITLES, Module, declared_arch, name_arch, parse_lora
-from ..lora.strength import compile_strength, validate_lora_entries
+from ..lora.strength import compile_strength, entries_schema, validate_lora_entries
 from ..tensorio import DTYPE_NAMES
 from . import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
 from .merge import check_finite
@@ -274,7 +274,7 @@ register_op(OpSpec(
         Field("loras", "list", doc="[{lora: NAME, strength: S, te_strength: T}]; strength is a number, block weights or "
                                    "an LBW list (17/26 values SD1/SD2, 12/20 SDXL); te_strength (default: strength) "
                                    "replaces it for text-encoder modules",
-              validate=lambda v, where: validate_lora_entries(v, where)),
+              validate=lambda v, where: validate_lora_entries(v, where), schema=entries_schema()),
         Field("allow_unmatched", "bool", False, doc="skip (with a warning listing them) modules that map to no key or do not fit"),
         DTYPE_FIELD,
     ),

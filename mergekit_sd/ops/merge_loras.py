@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..lazy import LazyModel, TensorSpec
 from ..lora.delta import bias_role, compute_delta, delta_shape, fits, module_scale
 from ..lora.formats import Module, declared_arch, name_arch, parse_lora
-from ..lora.strength import compile_strength, validate_lora_entries
+from ..lora.strength import compile_strength, entries_schema, validate_lora_entries
 from ..lora.svd import factor_rank, svd_factor
 from ..tensorio import DTYPE_NAMES
 from . import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
@@ -239,7 +239,7 @@ register_op(OpSpec(
     doc="Combine LoRAs into one LoRA: exactly (concatenated ranks) or re-factored to a rank by SVD",
     fields=(
         Field("loras", "list", doc="[{lora: NAME, strength: S, te_strength: T}] (strength: number or block weights)",
-              validate=lambda v, where: validate_lora_entries(v, where)),
+              validate=lambda v, where: validate_lora_entries(v, where), schema=entries_schema()),
         Field("mode", "choice", "concat", ("concat", "svd"), doc="concat: exact; svd: re-factor the summed ΔW to `rank`"),
         Field("rank", "int", None, doc="target rank (mode svd)", validate=_validate_rank),
         Field("conv_rank", "int", None, doc="target rank of 3x3 convolutions (mode svd; default: rank)", validate=_validate_rank),

@@ -448,3 +448,42 @@ def test_sdxl_lbw_12_list(tmp_path, model_dir, sdbuild):
     seen = _check_per_module(tmp_path / "out" / "b.safetensors", load_file(str(model_dir / "xl.safetensors")),
                              load_file(str(lp)), mu, True)
     assert {0.5, 0.0, 1.5, 0.25, 0.75, 1.0} <= seen
+
+
+def test_reads_each_weight_and_lora_tensor_once_and_records_provenance(tmp_path, model_dir, sdbuild):
+    from collections import Counter
+
+    from mergekit_sd.lazy import LazyModel
+    from mergekit_sd.tensorio import SafetensorsFile
+
+    lp = write_synth_lora(tmp_path / "l.safetensors", "sd1", "locon", 32, rank=2, seed=8)
+    reads: Counter = Counter()
+
+    def counted(path, tag):
+        m = SafetensorsFile(path).lazy()
+
+        def get(name):
+            reads[(tag, name)] += 1
+            return m.get(name)
+
+        return LazyModel(m.specs, get, m.metadata, label=path.name)
+
+    model, lora = counted(model_dir / "a.safetensors", "m"), counted(lp, "l")
+    ctx = OpContext(step="s", input_labels=["a.safetensors", "l.safetensors"])
+    out = build_lora([model, lora], {"model": "a", "loras": [{"lora": "L", "strength": 0.5}], "dtype": None}, ctx)
+    assert not [k for k in reads if k[0] == "m"] and all(k[1].endswith(".alpha") for k in reads)  # build reads only alphas
+    for k in out.keys():
+        out.get(k)
+    assert all(n == 1 for (tag, _), n in reads.items()), [k for k, n in reads.items() if n > 1][:3]
+    assert {k for t, k in reads if t == "m"} == set(model.keys()) and {k for t, k in reads if t == "l"} == set(lora.keys())
+    prov = out.info["provenance"]
+    assert prov["loras"][0]["modules"] == 350 and prov["loras"][0]["algorithms"] == {"LoCon": 96, "LoRA": 254}
+    assert prov["loras"][0]["title"] == "synth-locon" and prov["loras"][0]["declared_architecture"] == "sd1"
+    # through the CLI the same facts land in the output's metadata
+    assert sdbuild("build", bake_recipe(tmp_path, model_dir / "a.safetensors", [(lp, 0.5)]), "-q").code == 0
+    from safetensors import safe_open
+    import json
+
+    with safe_open(str(tmp_path / "out" / "baked.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["sdbuild.provenance"])
+    assert meta["facts"]["baked"]["loras"][0]["algorithms"] == {"LoCon": 96, "LoRA": 254}

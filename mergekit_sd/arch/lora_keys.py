@@ -232,19 +232,3 @@ def checkpoint_arch(specs) -> str | None:
     if any(k.startswith((UNET, SD1_TE)) for k in specs):
         return "sd1"
     return None
-
-
-def lbw_block(key: str, arch: str) -> str:
-    """LoRA block-weight block of a checkpoint key: TE -> BASE, input block n -> INnn, middle -> M00,
-    output n -> OUTnn; the stem (conv_in, time/label embedding) -> IN00 and the head (`out.*`) -> the last OUT."""
-    if not key.startswith(UNET):
-        return "BASE"
-    path = key[len(UNET):]
-    m = re.match(r"(input_blocks|output_blocks)\.(\d+)\.", path)
-    if m:
-        return ("IN" if m.group(1) == "input_blocks" else "OUT") + f"{int(m.group(2)):02d}"
-    if path.startswith("middle_block."):
-        return "M00"
-    if path.startswith("out."):
-        return "OUT08" if arch == "sdxl" else "OUT11"
-    return "IN00"

@@ -234,8 +234,12 @@ def write_synth_lora(path: str | os.PathLike, arch: str = "sd1", format: str = "
 DEMO_LORAS = {"detail-lora": ("lora", 1), "style-locon": ("locon", 2)}
 
 
-def make_demo_loras(folder: str | os.PathLike, factor: int = 16) -> list[Path]:
-    """The LoRA inputs of `recipes/lora-demo.yaml` (skipping files already there)."""
+def make_demo_loras(folder: str | os.PathLike, factor: int | None = None) -> list[Path]:
+    """The LoRA inputs of `recipes/lora-demo.yaml` (skipping files already there), sized for the demo models."""
+    if factor is None:
+        from ..demo import DEMO_FACTOR
+
+        factor = DEMO_FACTOR
     folder = Path(folder)
     out = []
     for name, (fmt, seed) in DEMO_LORAS.items():

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .a1111 import legacy_hash
 from .errors import StepError, UserError, SdbuildError
 from .graph import build_graph, build_order
 from .hashing import canonical, compute_key, digest_file, object_key
@@ -274,7 +275,8 @@ class Session:
             self.facts[name] = NodeFacts(name=name, kind="step", digest=digest, sha256=sha, file=f"{name}.safetensors",
                                          op=op.name, version=op.version, params=dict(step.params), refs=step.refs,
                                          compute_key=self.keys[name][1], log=list(prov.get("log", {}).get(name, [])),
-                                         facts=dict(prov.get("facts", {}).get(name, {})), metadata=meta)
+                                         facts=dict(prov.get("facts", {}).get(name, {})), metadata=meta,
+                                         legacy_hash=legacy_hash(path))
         return self.facts[name]
 
     def _run_step(self, name: str, key: str, ck: str, report: BuildReport) -> str:
@@ -307,7 +309,7 @@ class Session:
                 f = self.input_facts(n)
                 if not f.metadata:
                     f.metadata = read_header(self.input_path(n))[1] if self.input_path(n).suffix == ".safetensors" else {}
-                    f.legacy_hash = _legacy_hash(self.input_path(n))
+                    f.legacy_hash = legacy_hash(self.input_path(n))
                 nodes.append(f)
             else:
                 nodes.append(self._step_facts(n))
@@ -381,14 +383,6 @@ def _check_kind(ref: str, model: LazyModel, want: str, step: str, where: str) ->
     if got != want and not (want == "checkpoint" and got == "unknown"):
         looks = "an unrecognised file" if got == "unknown" else f"a {got}"
         raise UserError(f"step {step!r} needs a {want} for {ref!r}, but {model.label} looks like {looks}", where)
-
-
-def _legacy_hash(path: Path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
 def _device(name: str) -> torch.device:

@@ -118,7 +118,11 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
     model_label = ctx.input_labels[0] if ctx.input_labels else (model.label or "the model")
     arch = checkpoint_arch(model.specs)
     if arch is None:
-        raise UserError(f"step {ctx.step!r}: cannot tell the architecture of {model_label} (SD1, SD2 or SDXL expected)")
+        from ..arch.detect import detect
+
+        found = detect(model.specs)
+        what = f"is {found.describe()}" if found.known else "has an architecture sdbuild cannot tell"
+        raise UserError(f"step {ctx.step!r}: {model_label} {what}; LoRAs bake into SD1, SD2 and SDXL base models")
     tab = table(arch)
     te1 = "lora_te1" if arch == "sdxl" else "lora_te"
     labels = [lora_label(ctx, i, e, lm) for i, (e, lm) in enumerate(zip(entries, lora_models))]

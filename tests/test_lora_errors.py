@@ -146,3 +146,58 @@ def test_sd2_text_encoder_rows_and_linear_proj_in():
 def test_a_checkpoint_given_as_a_lora_is_refused(tmp_path, model_dir, sdbuild):
     r = sdbuild("build", recipe(tmp_path, model_dir / "a.safetensors", model_dir / "b.safetensors"), "-q")
     assert r.code == 2 and "is not a LoRA" in r.err and "checkpoint" in r.err, r
+
+
+def _sd2_like(path, factor=32):
+    """An SD2-layout checkpoint: SD1's UNet with linear proj_in/proj_out and 1024-wide context, OpenCLIP ViT-H text
+    encoder (24 blocks), all shrunk by `factor` like the synthetic models."""
+    from mergekit_sd.synth import synth_tensors
+
+    t = {k: v.float() for k, v in synth_tensors("sd1", factor, "fp32", 11).items() if not k.startswith("cond_stage_model.")}
+    d, g = 1024 // factor, torch.Generator().manual_seed(3)
+    for k in list(t):
+        if k.endswith(("proj_in.weight", "proj_out.weight")):
+            t[k] = t[k].reshape(t[k].shape[0], t[k].shape[1])
+        if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+            t[k] = torch.randn(t[k].shape[0], d, generator=g) * 0.05
+    pre = "cond_stage_model.model."
+    t[pre + "token_embedding.weight"] = torch.randn(49408 // 8, d, generator=g)
+    for n in range(24):
+        b = f"{pre}transformer.resblocks.{n}."
+        for name, shape in (("attn.in_proj_weight", (3 * d, d)), ("attn.in_proj_bias", (3 * d,)), ("attn.out_proj.weight", (d, d)),
+                            ("attn.out_proj.bias", (d,)), ("mlp.c_fc.weight", (4 * d, d)), ("mlp.c_fc.bias", (4 * d,)),
+                            ("mlp.c_proj.weight", (d, 4 * d)), ("mlp.c_proj.bias", (d,)), ("ln_1.weight", (d,)), ("ln_1.bias", (d,))):
+            t[b + name] = torch.randn(shape, generator=g) * 0.05
+    save_file(t, str(path))
+    return t
+
+
+def test_sd2_bake_through_the_cli(tmp_path, sdbuild):
+    from mergekit_sd.arch.lora_keys import default_modules
+
+    W = _sd2_like(tmp_path / "sd2.safetensors")
+    g = torch.Generator().manual_seed(5)
+    lora, expect = {}, {k: v.clone() for k, v in W.items()}
+    mods = default_modules("sd2")
+    assert len(mods) == 192 + 144
+    for name, tg in mods.items():
+        w = W[tg.weight]
+        rows = slice(None) if tg.part is None else slice(tg.part * w.shape[0] // 3, (tg.part + 1) * w.shape[0] // 3)
+        out, inp = w[rows].shape
+        up, down = torch.randn(out, 2, generator=g), torch.randn(2, inp, generator=g)
+        lora.update({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(1.0)})
+        expect[tg.weight][rows] += 0.3 * 0.5 * (up @ down)
+    save_file(lora, str(tmp_path / "l.safetensors"), {"ss_base_model_version": "sd_v2", "ss_v2": "True"})
+    rp = recipe(tmp_path, tmp_path / "sd2.safetensors", tmp_path / "l.safetensors")
+    rp.write_text(rp.read_text().replace("strength: 1", "strength: 0.3"))
+    r = sdbuild("build", rp, "-q")
+    assert r.code == 0, r
+    out = load_file(str(tmp_path / "out" / "baked.safetensors"))
+    for k, v in out.items():
+        torch.testing.assert_close(v, expect[k], rtol=1e-5, atol=2e-6, msg=k)
+    # an SD1 LoRA does not fit it
+    sd1 = write_synth_lora(tmp_path / "sd1.safetensors", "sd1", "lora", 32, 2, 1)
+    d = tmp_path / "x"
+    d.mkdir()
+    r = sdbuild("build", recipe(d, tmp_path / "sd2.safetensors", sd1), "-q")
+    assert r.code == 2 and "is for SD1" in r.err and "SD2" in r.err, r

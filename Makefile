@@ -18,6 +18,7 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/sdbuild synth --demo recipes/models
 	$(VENV)/bin/sdbuild recipes/demo.yaml
+	$(VENV)/bin/sdbuild recipes/lora-demo.yaml
 	$(VENV)/bin/sdbuild inspect recipes/out/demo-mix.safetensors
 
 test: install

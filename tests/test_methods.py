@@ -670,3 +670,16 @@ def test_recipe_fields_and_errors(tmp_path, model_dir, sdbuild):
         r = sdbuild("build", tmp_path / "bad.yaml", "-q")
         assert r.code == 2 and msg in r.err and len(r.err.strip().splitlines()) == 1, (line, r)
         assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_exact_top_k_threshold():
+    from mergekit_sd.methods.ties import kth_largest
+
+    x = rand(50, 41).abs()
+    x[0, :10] = 0.0
+    x[1, :5] = x[2, 0]  # ties
+    flat = x.reshape(-1)
+    n = flat.numel()
+    for keep in (1, 2, 7, n // 5, n // 2, n - 11, n - 1, n):
+        assert kth_largest(x, keep).item() == torch.kthvalue(flat, n - keep + 1).values.item()
+    assert kth_largest(torch.zeros(9), 3).item() == 0.0

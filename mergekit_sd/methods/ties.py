@@ -9,6 +9,23 @@ import torch
 from . import merge_method
 
 
+def kth_largest(mag: torch.Tensor, keep: int) -> torch.Tensor:
+    """The keep-th largest value of a non-negative float32 tensor, exactly (radix selection on the bit patterns,
+    which order like the values for non-negative floats: three histogram passes instead of a sort)."""
+    bits = mag.reshape(-1).view(torch.int32)
+    remaining, prefix, cand = keep, 0, bits
+    for shift, width in ((21, 11), (10, 11), (0, 10)):
+        digits = (cand >> shift) & ((1 << width) - 1)
+        hist = torch.bincount(digits, minlength=1 << width)
+        at_least = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # entries whose digit is >= d
+        d = int((at_least >= remaining).nonzero().max())
+        remaining -= int(at_least[d] - hist[d])
+        prefix |= d << shift
+        if shift:
+            cand = cand[digits == d]
+    return torch.tensor(prefix, dtype=torch.int32).view(torch.float32).to(mag.device)
+
+
 def trim_top_k(delta: torch.Tensor, k: float) -> torch.Tensor:
     """Keep the int(k * numel) largest-magnitude entries (every entry tied with the smallest kept one too)."""
     n = delta.numel()
@@ -17,25 +34,28 @@ def trim_top_k(delta: torch.Tensor, k: float) -> torch.Tensor:
         return delta
     if keep <= 0:
         return torch.zeros_like(delta)
-    mag = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - keep + 1).values
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
-
-
-def elect_sign(trimmed: torch.Tensor, how: str) -> torch.Tensor:
-    """Per entry: sign of the summed deltas (`mass`, the TIES paper) or of the majority of signs (`count`)."""
-    if how == "count":
-        return torch.sign(torch.sign(trimmed).sum(0))
-    return torch.sign(trimmed.sum(0))
+    mag = delta.abs()
+    if mag.dtype == torch.float32:
+        threshold = kth_largest(mag, keep)
+    else:
+        threshold = torch.kthvalue(mag.reshape(-1), n - keep + 1).values
+    return delta * (mag >= threshold)
 
 
 def ties_delta(deltas: list[torch.Tensor], k: float, sign_election: str) -> torch.Tensor:
-    """Trim each delta, elect a sign, average the entries that agree with it (0 where none do)."""
-    trimmed = torch.stack([trim_top_k(d, k) for d in deltas])
-    sign = elect_sign(trimmed, sign_election)
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-    total = torch.where(agree, trimmed, torch.zeros_like(trimmed)).sum(0)
-    count = agree.sum(0)
+    """Trim each delta, elect a sign per entry (`mass`: sign of the sum, `count`: sign of the majority), average the
+    entries that agree with it (0 where none do). An entry agrees when it is non-zero with the elected sign."""
+    trimmed = [trim_top_k(d, k) for d in deltas]
+    votes = torch.zeros_like(trimmed[0])
+    for t in trimmed:
+        votes += torch.sign(t) if sign_election == "count" else t
+    sign = torch.sign(votes)
+    total = torch.zeros_like(votes)
+    count = torch.zeros_like(votes)
+    for t in trimmed:
+        agree = (t * sign) > 0
+        total += t * agree
+        count += agree
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 

@@ -46,17 +46,18 @@ def ties_delta(deltas: list[torch.Tensor], k: float, sign_election: str) -> torc
     """Trim each delta, elect a sign per entry (`mass`: sign of the sum, `count`: sign of the majority), average the
     entries that agree with it (0 where none do). An entry agrees when it is non-zero with the elected sign."""
     trimmed = [trim_top_k(d, k) for d in deltas]
-    votes = torch.zeros_like(trimmed[0])
+    sign = torch.zeros_like(trimmed[0])
     for t in trimmed:
-        votes += torch.sign(t) if sign_election == "count" else t
-    sign = torch.sign(votes)
-    total = torch.zeros_like(votes)
-    count = torch.zeros_like(votes)
+        sign += torch.sign(t) if sign_election == "count" else t
+    sign.sign_()
+    total = torch.zeros_like(sign)
+    count = torch.zeros_like(sign)
     for t in trimmed:
         agree = (t * sign) > 0
         total += t * agree
         count += agree
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    del trimmed, sign
+    return total.div_(count.clamp_(min=1))
 
 
 def _unit_k(k: float) -> str | None:

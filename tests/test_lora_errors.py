@@ -145,7 +145,7 @@ def test_sd2_text_encoder_rows_and_linear_proj_in():
 
 def test_a_checkpoint_given_as_a_lora_is_refused(tmp_path, model_dir, sdbuild):
     r = sdbuild("build", recipe(tmp_path, model_dir / "a.safetensors", model_dir / "b.safetensors"), "-q")
-    assert r.code == 2 and "is not a LoRA" in r.err and "checkpoint" in r.err, r
+    assert r.code == 2 and "needs a lora for 'L'" in r.err and "b.safetensors looks like a checkpoint" in r.err, r
 
 
 def _sd2_like(path, factor=32):

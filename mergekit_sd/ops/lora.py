@@ -285,7 +285,7 @@ register_op(OpSpec(
     build=build_lora,
     references=_refs,
     # LoRA inputs are checked by the parser, which knows more layouts than a kind test
-    input_kinds=lambda params: ["checkpoint"] + ["any"] * len(params.get("loras", [])),
+    input_kinds=lambda params: ["checkpoint"] + ["lora"] * len(params.get("loras", [])),
     output_kind="checkpoint",
     formula="W + Σ strength·scale·ΔW (DoRA: W + strength·(W_d − W))",
     category="lora",

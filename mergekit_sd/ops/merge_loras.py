@@ -250,7 +250,7 @@ register_op(OpSpec(
     build=build_merge_loras,
     references=lambda params: [e["lora"] for e in params.get("loras", [])],
     # LoRA inputs are checked by the parser, which knows more layouts than a kind test
-    input_kinds=lambda params: ["any"] * len(params.get("loras", [])),
+    input_kinds=lambda params: ["lora"] * len(params.get("loras", [])),
     output_kind="lora",
     formula="Σ strength·scale·ΔW as one LoRA",
     category="lora",

@@ -27,13 +27,6 @@ PREFIXES: dict[str, dict[str, str]] = {
     "sdxl": {"unet": UNET, "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1.", "vae": VAE},
     "sdxl-refiner": {"unet": UNET, "text_encoder_2": "conditioner.embedders.0.", "vae": VAE},
 }
-MODELSPEC_ARCH = {
-    "sd1": "stable-diffusion-v1",
-    "sd2": "stable-diffusion-v2",
-    "sdxl": "stable-diffusion-xl-v1-base",
-    "sdxl-refiner": "stable-diffusion-xl-v1-refiner",
-}
-
 MARKERS = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min", "edm_mean", "edm_std")
 SCHEDULER_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -66,35 +59,19 @@ class ArchGuess:
     variant: str | None = None
     reference: str | None = None
     factor: int = 1
-
-    @property
-    def modelspec(self) -> str | None:
-        base = MODELSPEC_ARCH.get(self.name)
-        return f"{base}/{self.variant}" if base and self.variant else base
+    modelspec: str | None = None
 
 
 def guess_arch(specs: Mapping[str, TensorSpec]) -> ArchGuess:
-    """FORMATS §1.3 by key prefixes (the shape tests there need full-size models; prefixes work for shrunk ones too)."""
-    keys = specs.keys()
+    """The detected architecture (arch.detect, FORMATS §1.3) plus what key checks need: the reference list to compare
+    against and the shrink factor of synthetic models (from `time_embed`, so shrunk files check against shrunk shapes)."""
+    from .detect import detect, model_kind
 
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("conditioner.embedders.1."):
-        g = ArchGuess("sdxl", reference="sdxl")
-    elif has("conditioner.embedders.0.model."):
-        g = ArchGuess("sdxl-refiner")
-    elif has("cond_stage_model.model."):
-        g = ArchGuess("sd2")
-    elif has("cond_stage_model.transformer.") or (has(UNET) and not has("conditioner.")):
-        g = ArchGuess("sd1", reference="sd1")
-    elif has("encoder.") and has("decoder.") and not has(UNET):
-        return ArchGuess("vae")
-    else:
-        return ArchGuess("unknown")
-    conv = specs.get(_INPUT_CONV)
-    if conv is not None and len(conv.shape) == 4:
-        g.variant = {9: "inpainting", 8: "instruct-pix2pix"}.get(conv.shape[1])
+    info = detect(specs)
+    if not info.known:
+        return ArchGuess("vae" if model_kind(specs) == "vae" else "unknown")
+    g = ArchGuess(info.arch, info.variant, reference=info.arch if info.arch in ("sd1", "sdxl") else None,
+                  modelspec=info.modelspec)
     te = specs.get(_TIME_EMBED)
     full = {"sd1": 1280, "sd2": 1280, "sdxl": 1280, "sdxl-refiner": 1536}[g.name]
     if te is not None and te.shape and 0 < te.shape[0] <= full and full % te.shape[0] == 0:

@@ -14,6 +14,7 @@ from typing import Mapping
 
 from ..lazy import TensorSpec
 from .reference import REFERENCE_FILES, reference_keys
+from ..synth import shrink
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 # component names of the reference key lists -> the names recipes use
@@ -77,10 +78,6 @@ def guess_arch(specs: Mapping[str, TensorSpec]) -> ArchGuess:
     if te is not None and te.shape and 0 < te.shape[0] <= full and full % te.shape[0] == 0:
         g.factor = full // te.shape[0]
     return g
-
-
-def shrink(shape, factor: int) -> tuple[int, ...]:
-    return tuple(d // factor if (d % 32 == 0 and d >= 64 and factor > 1) else d for d in shape)
 
 
 @dataclass

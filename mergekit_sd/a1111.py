@@ -388,6 +388,26 @@ def _block_list(v: Any) -> list[float] | None:
     return None
 
 
+def _webui_record(shas: Sequence[str | None], interp: str, multiplier: float, half: bool, custom_name: str,
+                  bake_in_vae: str = "None") -> dict[str, Any]:
+    """AUTOMATIC1111's `sd_merge_recipe`, field for field in its order (FORMATS.md §4.2)."""
+    return {
+        "type": "webui",
+        "primary_model_hash": shas[0],
+        "secondary_model_hash": shas[1] if len(shas) > 1 else None,
+        "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
+        "interp_method": interp,
+        "multiplier": multiplier,
+        "save_as_half": half,
+        "custom_name": custom_name,
+        "config_source": 3,  # "Don't": sdbuild copies no .yaml configs
+        "bake_in_vae": bake_in_vae,
+        "discard_weights": "",
+        "is_inpainting": False,
+        "is_instruct_pix2pix": False,
+    }
+
+
 def merge_recipe_object(op: str, params: Mapping[str, Any], inputs: Sequence[MergeInput], custom_name: str = "") -> dict[str, Any]:
     """The `sd_merge_recipe` object for a step: AUTOMATIC1111's when it can express it, else supermerger's, else ours."""
     shas = [i.sha256 for i in inputs]
@@ -395,56 +415,13 @@ def merge_recipe_object(op: str, params: Mapping[str, Any], inputs: Sequence[Mer
     extras = {k for k, v in params.items() if k not in ("alpha", "beta", "dtype", "on_missing", "models", "model", "block_rule") and v not in (None, "", [], {})}
     # AUTOMATIC1111 keeps A's tensors where B has none and drops B-only tensors: only `on_missing: keep_a` is its merge
     webui_keys = params.get("on_missing") in (None, "keep_a")
+    half = params.get("dtype") == "fp16"
     if op in WEBUI_METHODS and _is_scalar(alpha) and not extras and webui_keys and len(inputs) == OP_ARITY[op]:
-        return {
-            "type": "webui",
-            "primary_model_hash": shas[0],
-            "secondary_model_hash": shas[1],
-            "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
-            "interp_method": WEBUI_METHODS[op],
-            "multiplier": float(alpha),
-            "save_as_half": params.get("dtype") == "fp16",
-            "custom_name": custom_name,
-            "config_source": 3,  # "Don't": sdbuild copies no .yaml configs
-            "bake_in_vae": "None",
-            "discard_weights": "",
-            "is_inpainting": False,
-            "is_instruct_pix2pix": False,
-        }
+        return _webui_record(shas, WEBUI_METHODS[op], float(alpha), half, custom_name)
     if op == "vae" and len(inputs) == 2:  # AUTOMATIC1111 bakes a VAE during a "No interpolation" merge
-        return {
-            "type": "webui",
-            "primary_model_hash": shas[0],
-            "secondary_model_hash": None,
-            "tertiary_model_hash": None,
-            "interp_method": "No interpolation",
-            "multiplier": 0.0,
-            "save_as_half": params.get("dtype") == "fp16",
-            "custom_name": custom_name,
-            "config_source": 3,  # "Don't": sdbuild copies no .yaml configs
-            "bake_in_vae": inputs[1].name,
-            "discard_weights": "",
-            "is_inpainting": False,
-            "is_instruct_pix2pix": False,
-            "sdbuild_op": op,
-        }
+        return dict(_webui_record(shas[:1], "No interpolation", 0.0, half, custom_name, bake_in_vae=inputs[1].name), sdbuild_op=op)
     if op in PASS_THROUGH_OPS and len(inputs) == 1:
-        return {
-            "type": "webui",
-            "primary_model_hash": shas[0],
-            "secondary_model_hash": None,
-            "tertiary_model_hash": None,
-            "interp_method": "No interpolation",
-            "multiplier": 0.0,
-            "save_as_half": params.get("dtype") == "fp16",
-            "custom_name": custom_name,
-            "config_source": 3,  # "Don't": sdbuild copies no .yaml configs
-            "bake_in_vae": "None",
-            "discard_weights": "",
-            "is_inpainting": False,
-            "is_instruct_pix2pix": False,
-            "sdbuild_op": op,
-        }
+        return dict(_webui_record(shas, "No interpolation", 0.0, half, custom_name), sdbuild_op=op)
     sm = _supermerger_object(op, params, shas, extras)
     if sm is not None:
         return sm
@@ -602,14 +579,10 @@ def recover_recipe(metadata: Mapping[str, str], file_name: str | None = None, ac
 
 
 def _provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    raw = metadata.get(PROVENANCE_KEY)
-    if not raw:
-        return None
-    try:
-        prov = json.loads(raw)
-    except ValueError:
-        return None
-    return prov if isinstance(prov, dict) and isinstance(prov.get("recipe"), dict) else None
+    from .provenance import read_provenance
+
+    prov = read_provenance(metadata)
+    return prov if prov is not None and isinstance(prov.get("recipe"), dict) else None
 
 
 def _op_defaults(op: str) -> dict[str, Any] | None:

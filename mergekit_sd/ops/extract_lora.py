@@ -155,8 +155,7 @@ def build_extract(inputs: list[LazyModel], params: dict, ctx: OpContext) -> Lazy
         check_finite(out, key, ctx.step)
         return out.to(spec.dtype).contiguous()
 
-    info = {"architecture": {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}[arch],
-            "kind": "lora"}
+    info = {"architecture": MODELSPEC_ARCH[arch], "kind": "lora"}
     info["provenance"] = {"architecture": arch, "rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp,
                           "min_diff": min_diff, "modules": len(modules), "text_encoder": te_note,
                           "factoring": "fp64 SVD on the CPU, up = U*S, down = Vh, alpha = rank"}

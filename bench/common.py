@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,14 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(argv: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of one child process; fails loudly if the command fails."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env or os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n{err}")
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child must never block on a full pipe
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env or os.environ.copy(), stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            tail = err.read()[-4000:].decode(errors="replace")
+            raise SystemExit(f"benchmark command failed ({code}): {' '.join(argv)}\n{tail}")
     return wall, usage.ru_maxrss / (1024 * 1024)
 
 

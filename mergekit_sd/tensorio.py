@@ -22,7 +22,7 @@ import torch
 import xxhash
 
 from .errors import UserError
-from .lazy import LazyModel, TensorSpec, dtype_size
+from .lazy import LazyModel, TensorSpec
 
 MAX_HEADER_SIZE = 100_000_000
 
@@ -264,10 +264,59 @@ class WriteResult:
         self.size = size
 
 
-SYNC_EVERY = 256 << 20
 CONTENT_DIGEST_KEY = "sdbuild.content_digest"
 BUFFER_SHA_KEY = "modelspec.hash_sha256"
 _PLACEHOLDERS = {CONTENT_DIGEST_KEY: "0" * 32, BUFFER_SHA_KEY: "0x" + "0" * 64}
+
+
+WRITEBACK_EVERY = 64 << 20
+
+
+def _sync_file_range():
+    try:
+        import ctypes
+        import ctypes.util
+
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _sync_file_range() if hasattr(os, "fdatasync") else None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk without waiting (Linux sync_file_range); else nothing."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+class _Consumer:
+    """A thread that applies `fn` to queued (name, tensor) items in order; failures surface on the producer."""
+
+    def __init__(self, fn: Callable[[str, torch.Tensor], None], failure: list[BaseException]):
+        self.q: queue.Queue = queue.Queue(maxsize=3)
+        self.fn, self.failure = fn, failure
+        self.thread = threading.Thread(target=self._run, name="sdbuild-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (item := self.q.get()) is not None:
+                self.fn(*item)
+        except BaseException as e:
+            self.failure.append(e)
+            while self.q.get() is not None:  # drain so the producer never blocks
+                pass
+
+    def put(self, item) -> None:
+        self.q.put(item)
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.thread.join()
 
 
 def write_model(
@@ -280,7 +329,8 @@ def write_model(
     """Stream `model` into a new safetensors file at `path` (which the caller renames into place).
 
     The metadata gains the content digest and the tensor-buffer sha256, patched in after the tensors are written.
-    Producing runs on this thread; hashing and writing on a second, so the two overlap.
+    Producing runs on this thread; writing (with the content digest) and the buffer sha256 run on two others, so
+    computation, hashing and disk waits overlap.
     """
     names = model.keys()
     specs = {n: model.spec(n) for n in names}
@@ -300,39 +350,31 @@ def write_model(
 
     digests: dict[str, bytes] = {}
     sha = hashlib.sha256()
-    q: queue.Queue = queue.Queue(maxsize=3)
     failure: list[BaseException] = []
-    pending = [0]
 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
 
-        def consume():
-            try:
-                while True:
-                    item = q.get()
-                    if item is None:
-                        return
-                    name, t = item
-                    data = tensor_bytes(t)
-                    h = xxhash.xxh3_128(_tensor_prefix(name, t.dtype, t.shape))
-                    h.update(data)
-                    digests[name] = h.digest()
-                    sha.update(data)
-                    f.write(data)
-                    pending[0] += len(data)
-                    if pending[0] >= SYNC_EVERY:  # write back while computing, so the final fsync is short
-                        f.flush()
-                        os.fdatasync(f.fileno())
-                        pending[0] = 0
-            except BaseException as e:  # surfaced on the producing thread
-                failure.append(e)
-                while q.get() is not None:
-                    pass
+        flushed = [8 + len(hbytes), 8 + len(hbytes)]  # [start of unflushed bytes, end of written bytes]
 
-        worker = threading.Thread(target=consume, name="sdbuild-writer", daemon=True)
-        worker.start()
+        def write_and_digest(name: str, t: torch.Tensor) -> None:
+            data = tensor_bytes(t)
+            h = xxhash.xxh3_128(_tensor_prefix(name, t.dtype, t.shape))
+            h.update(data)
+            digests[name] = h.digest()
+            f.write(data)
+            flushed[1] += len(data)
+            if flushed[1] - flushed[0] >= WRITEBACK_EVERY:  # start write-back early so the final fsync is short
+                f.flush()
+                start_writeback(f.fileno(), flushed[0], flushed[1] - flushed[0])
+                flushed[0] = flushed[1]
+
+        def buffer_sha(name: str, t: torch.Tensor) -> None:
+            sha.update(tensor_bytes(t))
+
+        # two consumers, each in tensor order: the sha256 runs while the other waits on the disk
+        workers = [_Consumer(fn, failure) for fn in (write_and_digest, buffer_sha)]
         try:
             for n in names:
                 if failure:
@@ -341,12 +383,14 @@ def write_model(
                 s = specs[n]
                 if t.dtype != s.dtype or tuple(t.shape) != s.shape:
                     raise RuntimeError(f"tensor {n!r}: produced {t.dtype} {tuple(t.shape)} but declared {s.dtype} {s.shape}")
-                q.put((n, t.contiguous()))
+                t = t.contiguous()
+                for w in workers:
+                    w.put((n, t))
                 if on_tensor:
                     on_tensor(n)
         finally:
-            q.put(None)
-            worker.join()
+            for w in workers:
+                w.finish()
         if failure:
             raise failure[0]
         content = combine_digests(digests)
@@ -362,7 +406,6 @@ def write_model(
         f.write(patched)
         f.flush()
         os.fsync(f.fileno())
-        size = f.tell()
     return WriteResult(content, buf_sha, digests, os.path.getsize(path))
 
 

@@ -38,7 +38,7 @@ def main() -> dict[str, float]:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--rank", type=int, default=32)
     args, _ = ap.parse_known_args()
-    work = args.workdir
+    work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     (model,) = ensure_models(work, 1, "sd1", 1)
     lora = work / f"sd1-lora-r{args.rank}.safetensors"

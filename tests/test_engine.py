@@ -315,15 +315,19 @@ def test_concurrent_builds_share_one_cache(tmp_path, model_dir):
         assert (tmp_path / "o1" / "out" / f"{name}.safetensors").read_bytes() == (tmp_path / "o2" / "out" / f"{name}.safetensors").read_bytes()
 
 
-def test_progress_is_silent_in_pipes(tmp_path, model_dir):
-    rp = recipe_four(tmp_path, model_dir)
-    p = _cli("build", str(rp), "--cache-dir", str(tmp_path / "cache"))
-    code = p.wait()
-    err = p.stderr.read()
-    assert code == 0 and "\r" not in err and "\x1b" not in err
-    assert "ws: building (never built)" in err
-    q = _cli("build", str(rp), "--quiet", "--cache-dir", str(tmp_path / "cache2"))
+def test_progress_is_silent_in_pipes(tmp_path, model_dir, sdbuild):
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs: {{A: {model_dir}/a.safetensors, B: {model_dir}/b.safetensors}}
+        steps: {{ws: {{op: weighted_sum, models: [A, B]}}}}
+        outputs: {{ws: ws.safetensors}}
+        """)
+    r = sdbuild("build", rp, "--cache-dir", tmp_path / "cache")  # stderr is not a terminal here
+    assert r.code == 0 and "\r" not in r.err and "\x1b" not in r.err
+    assert "ws: building (never built)" in r.err
+    q = _cli("build", str(rp), "--quiet", "--cache-dir", str(tmp_path / "cache2"))  # a real pipe, a real build
     assert q.wait() == 0 and q.stderr.read() == ""
+    assert (tmp_path / "ws.safetensors").exists()
 
 
 def test_non_finite_result_fails_the_step(tmp_path, sdbuild):

@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/sdbuild inspect recipes/out/demo-mix.safetensors
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -p no:cacheprovider -n auto tests
 
 bench: install
 	$(PY) bench/run.py

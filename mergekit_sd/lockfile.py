@@ -180,16 +180,17 @@ def entries_from(inputs: Mapping[str, tuple[str | None, str | None]], outputs: M
 # locking a recipe and holding builds to the lock
 
 
-def session_lock(session, targets: list[str] | None = None) -> Lock:
-    """What a session's inputs are now and what its outputs came out as (after `session.build`)."""
+def input_hashes(session, targets: list[str] | None = None) -> dict[str, tuple[str | None, str]]:
+    """input name -> (file sha256, content digest) for every input the targets need (memoised, no model bytes read)."""
     from .graph import build_order
 
-    order = build_order(session.recipe, session.graph, targets)
-    inputs = {}
-    for n in order:
-        if n in session.recipe.inputs:
-            f = session.input_facts(n)
-            inputs[n] = (f.sha256, f.digest)
+    return {n: (session.input_facts(n).sha256, session.input_facts(n).digest)
+            for n in build_order(session.recipe, session.graph, targets) if n in session.recipe.inputs}
+
+
+def session_lock(session, targets: list[str] | None = None) -> Lock:
+    """What a session's inputs are now and what its outputs came out as (after `session.build`)."""
+    inputs = input_hashes(session, targets)
     outputs = {n: session.states[n].digest for n in session.recipe.outputs if n in session.states and session.states[n].digest}
     return entries_from(inputs, outputs)
 
@@ -208,20 +209,12 @@ def lock_recipe(recipe_path: str | os.PathLike, options) -> tuple[Path, Lock]:
 
 def check_locked_inputs(session, targets: list[str] | None = None) -> None:
     """`build --locked`: refuse (exit 2) when any input differs from the lock, naming every one that does."""
-    from .graph import build_order
-
     path = lock_path(session.recipe.path)
     locked = read_lock(path)
     if locked is None:
         raise UserError(f"--locked, but there is no lock file {path.name}; run `sdbuild lock {session.recipe.path.name}` first",
                         session.recipe.path.name)
-    order = build_order(session.recipe, session.graph, targets)
-    now = {}
-    for n in order:
-        if n in session.recipe.inputs:
-            f = session.input_facts(n)
-            now[n] = (f.sha256, f.digest)
-    diffs = compare(locked, entries_from(now, {}), "input")
+    diffs = compare(locked, entries_from(input_hashes(session, targets), {}), "input")
     if diffs:
         names = ", ".join(repr(d.name) for d in diffs)
         raise UserError(f"input(s) {names} differ from {path.name}: " + "; ".join(d.describe() for d in diffs)

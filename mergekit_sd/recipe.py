@@ -163,31 +163,27 @@ def validate_field(f: Field, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(f"{f.name} must be a number, got {value!r}", where)
         return float(value)
-    if k == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{f.name} must be an integer, got {value!r}", where)
-        return value
-    if k == "bool":
-        if not isinstance(value, bool):
-            raise UserError(f"{f.name} must be true or false, got {value!r}", where)
-        return value
-    if k == "str":
-        if not isinstance(value, str):
-            raise UserError(f"{f.name} must be a string, got {_type_name(value)}", where)
+    if k in _PLAIN_KINDS:
+        ok, what = _PLAIN_KINDS[k]
+        if not ok(value):
+            raise UserError(f"{f.name} must be {what}, got {value!r}" if k in ("int", "bool") else
+                            f"{f.name} must be {what}, got {_type_name(value)}", where)
         return value
     if k in ("choice", "dtype"):
         if value not in (f.choices or ()):
             raise UserError(f"{f.name} must be one of {', '.join(map(str, f.choices or ()))}; got {value!r}{did_you_mean(value, f.choices or ())}", where)
         return value
-    if k == "list":
-        if not isinstance(value, list):
-            raise UserError(f"{f.name} must be a list", where)
-        return value
-    if k == "mapping":
-        if not isinstance(value, dict):
-            raise UserError(f"{f.name} must be a mapping", where)
-        return value
     return value
+
+
+# field kinds that are a plain type check: kind -> (test, what the message calls it)
+_PLAIN_KINDS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "mapping": (lambda v: isinstance(v, dict), "a mapping"),
+}
 
 
 def _float_safe(v: Any, where: str) -> None:

@@ -497,8 +497,9 @@ def _supermerger_object(op: str, params: Mapping[str, Any], shas: list[str | Non
 
 
 def _jsonable(v: Any) -> Any:
+    """JSON-ready with mapping keys sorted: the record must not depend on the order fields were written in."""
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): _jsonable(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     if isinstance(v, (str, int, float, bool)) or v is None:

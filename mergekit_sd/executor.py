@@ -157,7 +157,8 @@ class Session:
     def _ingredients(self, node: str, order: list[str]) -> str:
         """Everything the metadata of `node` is made from, without reading any file."""
         parts: dict[str, Any] = {"tool": __import__("mergekit_sd").TOOL, "node": node, "name": self.recipe.name,
-                                 "card": dict(self.recipe.card), "outputs": list(self.recipe.outputs.get(node, ()))}
+                                 "card": dict(self.recipe.card),
+                                 "outputs": {n: list(self.recipe.outputs[n]) for n in order if n in self.recipe.outputs}}
         nodes = {}
         for n in order:
             if n in self.recipe.inputs:

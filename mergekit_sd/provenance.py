@@ -79,7 +79,8 @@ def build_metadata(recipe, node: str, nodes: list[NodeFacts], architecture: str 
             "card": dict(recipe.card),
             "inputs": inputs,
             "steps": steps,
-            "outputs": {node: list(recipe.outputs.get(node, ()))},
+            # every output of the subgraph, so a recovered recipe writes (and reproduces) the same files
+            "outputs": {n.name: list(recipe.outputs[n.name]) for n in nodes if n.name in recipe.outputs},
         },
         "nodes": {n.name: _node_entry(n, node) for n in nodes if n.kind == "step"},
     }
@@ -240,7 +241,7 @@ def modelspec_fields(recipe, node: str, nodes: list[NodeFacts], architecture: st
     if res:
         out["modelspec.resolution"] = card.pop("resolution", res)
     titles = []
-    for n in nodes:
+    for n in sorted(nodes, key=lambda n: n.name):  # by input name: independent of declaration order, so recovered recipes reproduce it
         if n.kind == "input":
             titles.append((n.metadata or {}).get("modelspec.title") or (n.file or n.name).rsplit(".", 1)[0])
     if titles:

@@ -43,7 +43,7 @@ def main() -> dict[str, float]:
     (model,) = ensure_models(work, 1, "sd1", 1)
     lora = work / f"sd1-lora-r{args.rank}.safetensors"
     if not lora.exists():
-        from mergekit_sd.lora.synth import write_synth_lora
+        from mergekit_sd.synth.loras import write_synth_lora
 
         print(f"writing synthetic LoRA {lora.name} ...", file=sys.stderr, flush=True)
         write_synth_lora(lora, "sd1", "lora", factor=1, rank=args.rank, seed=7)

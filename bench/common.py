@@ -44,7 +44,7 @@ def report(name: str, value: float, unit: str = "") -> None:
 
 
 def ensure_models(work: Path, count: int, arch: str = "sd1", factor: int = 1) -> list[Path]:
-    from mergekit_sd.synth import write_synth
+    from mergekit_sd.synth.models import write_synth
 
     paths = []
     for i in range(count):

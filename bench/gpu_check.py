@@ -20,7 +20,7 @@ from mergekit_sd.lazy import from_tensors  # noqa: E402
 from mergekit_sd.methods import load_methods  # noqa: E402
 from mergekit_sd.ops import OpContext  # noqa: E402
 from mergekit_sd.ops.merge import build_merge  # noqa: E402
-from mergekit_sd.synth import synth_tensors  # noqa: E402
+from mergekit_sd.synth.models import synth_tensors  # noqa: E402
 
 # tensors whose merged value is a selection (swaps, medians) or exact copies must agree exactly
 EXACT = {"tensor_swap", "tensor_swap2", "self_scale"}

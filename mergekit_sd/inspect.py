@@ -14,17 +14,17 @@ from typing import Any
 
 import torch
 
-from .arch.components import CATEGORY_DOC, COMPONENTS, JUNK, MARKERS, classify, is_position_ids
-from .ckpt import rename_model
-from .lazy import LazyModel
-from .tensorio import dtype_code
+from mergekit_sd.arch.components import CATEGORY_DOC, COMPONENTS, JUNK, MARKERS, classify, is_position_ids
+from mergekit_sd.formats.ckpt import rename_model
+from mergekit_sd.lazy import LazyModel
+from mergekit_sd.formats.safetensors import dtype_code
 
 KNOWN_VAE_FINGERPRINTS = {0: "SD-v1 (kl-f8)", 869: "SD-v2", 2982: "NAI", 155: "WD-VAE-v1", 41: "WD-VAE-v2"}
 JUNK_EXAMPLES = 5
 
 
 def _open(path: Path) -> LazyModel:
-    from .modelio import open_model
+    from mergekit_sd.formats.open import open_model
 
     return open_model(path)
 
@@ -32,7 +32,7 @@ def _open(path: Path) -> LazyModel:
 def _read_provenance(metadata: dict[str, str]) -> Any:
     """Parsed `sdbuild.provenance` (the provenance module owns its format); None when absent or unreadable."""
     try:
-        from .provenance import read_provenance
+        from mergekit_sd.provenance.record import read_provenance
     except ImportError:  # pragma: no cover
         raw = metadata.get("sdbuild.provenance")
         try:
@@ -154,7 +154,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
 
     pos: dict[str, Any] = {}
     for k in sorted(k for k in specs if is_position_ids(k) and cls.category[k] not in JUNK):
-        from .ops.prune import broken_position_ids
+        from mergekit_sd.ops.prune import broken_position_ids
 
         t = model.get(k)
         broken = broken_position_ids(t)

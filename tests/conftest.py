@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mergekit_sd.cli import main  # noqa: E402
-from mergekit_sd.synth import write_synth  # noqa: E402
+from mergekit_sd.cli.main import main  # noqa: E402
+from mergekit_sd.synth.models import write_synth  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergekit_sd import a1111
-from mergekit_sd.a1111 import MergeInput, merge_fields, parse_merge_metadata, read_webui_metadata, recover_recipe
-from mergekit_sd.recipe import parse_recipe
-from mergekit_sd.synth import write_synth
-from mergekit_sd.tensorio import read_header
+from mergekit_sd.provenance import a1111
+from mergekit_sd.provenance.a1111 import (
+    MergeInput,
+    merge_fields,
+    parse_merge_metadata,
+    read_webui_metadata,
+    recover_recipe,
+)
+from mergekit_sd.recipe.load import parse_recipe
+from mergekit_sd.synth.models import write_synth
+from mergekit_sd.formats.safetensors import read_header
 
 SHA_A = "3fe89f167db02dfba3616042e948767dcc61088373f81460fe44c8609d3a90cd"
 SHA_B = "d8fd60692a589f3be4a4c205ae4fa5a1d686b44a1cc20c7953715a95ab5070cf"
@@ -330,7 +336,7 @@ def test_newer_provenance_schema_is_refused():
     prov = {"schema": 2, "node": "m", "recipe": {"sdbuild": 1, "inputs": {}, "steps": {}, "outputs": {}}}
     with pytest.raises(ValueError, match="newer sdbuild"):
         recover_recipe({"sdbuild.provenance": json.dumps(prov)})
-    from mergekit_sd.provenance import SCHEMA_VERSION
+    from mergekit_sd.provenance.record import SCHEMA_VERSION
 
     assert a1111.PROVENANCE_SCHEMA == SCHEMA_VERSION
 

@@ -7,12 +7,21 @@ import pytest
 
 from mergekit_sd.arch import blocks
 from mergekit_sd.arch.blocks import (
-    SD_BLOCKS, SDXL_BLOCKS, block_of, compile_elemental, compile_inex, elemental_value, merged_by_inex, normalize_elemental,
-    normalize_inex, presets, sd_to_sdxl,
+    SD_BLOCKS,
+    SDXL_BLOCKS,
+    block_of,
+    compile_elemental,
+    compile_inex,
+    elemental_value,
+    merged_by_inex,
+    normalize_elemental,
+    normalize_inex,
+    presets,
+    sd_to_sdxl,
 )
 from mergekit_sd.arch.reference import reference_keys
 from mergekit_sd.errors import UserError
-from mergekit_sd.weights import compile_weight, normalize_weight
+from mergekit_sd.arch.weights import compile_weight, normalize_weight
 
 UNET = "model.diffusion_model."
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_recipe
-from mergekit_sd.ckpt import legacy_renames, open_ckpt, turbo_renames
+from mergekit_sd.formats.ckpt import legacy_renames, open_ckpt, turbo_renames
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import TensorSpec
-from mergekit_sd.modelio import open_model
-from mergekit_sd.synth import synth_tensors, write_synth_ckpt
+from mergekit_sd.formats.open import open_model
+from mergekit_sd.synth.models import synth_tensors, write_synth_ckpt
 
 
 class _Canary:

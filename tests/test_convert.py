@@ -11,7 +11,7 @@ from mergekit_sd.errors import StepError
 from mergekit_sd.lazy import from_tensors
 from mergekit_sd.ops import OpContext
 from mergekit_sd.ops.convert import build_convert, checked_cast
-from mergekit_sd.synth import synth_tensors
+from mergekit_sd.synth.models import synth_tensors
 
 HOT = "model.diffusion_model.out.2.weight"
 

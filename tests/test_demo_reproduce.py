@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import ROOT
-from mergekit_sd.demo import make_demo_models
+from mergekit_sd.synth.demo import make_demo_models
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 
 from mergekit_sd.arch.detect import ArchInfo, detect, model_kind
 from mergekit_sd.lazy import TensorSpec
-from mergekit_sd.synth import synth_specs
+from mergekit_sd.synth.models import synth_specs
 
 F16 = torch.float16
 UNET = "model.diffusion_model."

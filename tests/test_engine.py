@@ -17,10 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_recipe
-from mergekit_sd import hashing, tensorio
-from mergekit_sd.executor import Options, Session
-from mergekit_sd.recipe import load_recipe
-from mergekit_sd.synth import write_synth
+from mergekit_sd.engine import keys as hashing
+from mergekit_sd.formats import safetensors as tensorio
+from mergekit_sd.engine.session import Options, Session
+from mergekit_sd.recipe.load import load_recipe
+from mergekit_sd.synth.models import write_synth
 
 POS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from conftest import write_recipe
 from mergekit_sd.errors import UserError
-from mergekit_sd.tensorio import MAX_HEADER_SIZE, SafetensorsFile
+from mergekit_sd.formats.safetensors import MAX_HEADER_SIZE, SafetensorsFile
 
 
 def st_bytes(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:

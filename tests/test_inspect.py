@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_sd.inspect import format_inspect, inspect_model
-from mergekit_sd.synth import synth_tensors, write_synth, write_synth_ckpt
+from mergekit_sd.synth.models import synth_tensors, write_synth, write_synth_ckpt
 
 ITEM = {"F16": 2, "BF16": 2, "F32": 4, "I64": 8, "I32": 4}
 
@@ -116,7 +116,7 @@ def test_provenance_of_a_built_file_is_parsed(tmp_path, sdbuild, model_dir):
 
 
 def test_a_lora_file_is_not_called_junk(tmp_path):
-    from mergekit_sd.lora.synth import write_synth_lora
+    from mergekit_sd.synth.loras import write_synth_lora
 
     p = write_synth_lora(tmp_path / "l.safetensors", "sd1", "lora")
     rep = inspect_model(p, scan=False)
@@ -125,7 +125,7 @@ def test_a_lora_file_is_not_called_junk(tmp_path):
 
 
 def test_standalone_vae_files(tmp_path):
-    from mergekit_sd.synth import synth_vae_tensors
+    from mergekit_sd.synth.models import synth_vae_tensors
 
     v = synth_vae_tensors(32, "fp32", 7)
     del v["decoder.conv_out.bias"]

@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 
 from mergekit_sd.errors import UserError
-from mergekit_sd.lockfile import (Lock, LockDifference, LockEntry, compare, entries_from, format_lock, lock_path, parse_lock,
-                                  read_lock, write_lock)
+from mergekit_sd.engine.lockfile import (
+    Lock,
+    LockDifference,
+    LockEntry,
+    compare,
+    entries_from,
+    format_lock,
+    lock_path,
+    parse_lock,
+    read_lock,
+    write_lock,
+)
 
 S1, S2 = "a" * 64, "b" * 64
 D1, D2, D3 = "1" * 32, "2" * 32, "3" * 32

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import write_recipe
 from mergekit_sd.lazy import from_tensors
-from mergekit_sd.lora.synth import write_synth_lora
+from mergekit_sd.synth.loras import write_synth_lora
 from mergekit_sd.ops import OpContext
 from mergekit_sd.ops.lora import build_lora
 
@@ -454,7 +454,7 @@ def test_reads_each_weight_and_lora_tensor_once_and_records_provenance(tmp_path,
     from collections import Counter
 
     from mergekit_sd.lazy import LazyModel
-    from mergekit_sd.tensorio import SafetensorsFile
+    from mergekit_sd.formats.safetensors import SafetensorsFile
 
     lp = write_synth_lora(tmp_path / "l.safetensors", "sd1", "locon", 32, rank=2, seed=8)
     reads: Counter = Counter()

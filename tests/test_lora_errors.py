@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import write_recipe
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, from_tensors
-from mergekit_sd.lora.synth import synth_lora, write_synth_lora
+from mergekit_sd.synth.loras import synth_lora, write_synth_lora
 from mergekit_sd.ops import OpContext
 from mergekit_sd.ops.lora import build_lora
 
@@ -85,7 +85,7 @@ def test_sd1_lora_on_sdxl_is_an_architecture_error(tmp_path, model_dir, sdbuild)
 
 def test_architecture_error_comes_before_any_tensor_is_read():
     tensors, _ = synth_lora("sdxl", "lora", 32, 2, 1, metadata=False, te=False)
-    from mergekit_sd.synth import synth_specs
+    from mergekit_sd.synth.models import synth_specs
 
     def no_read(name):
         raise AssertionError(f"read {name}")
@@ -151,7 +151,7 @@ def test_a_checkpoint_given_as_a_lora_is_refused(tmp_path, model_dir, sdbuild):
 def _sd2_like(path, factor=32):
     """An SD2-layout checkpoint: SD1's UNet with linear proj_in/proj_out and 1024-wide context, OpenCLIP ViT-H text
     encoder (24 blocks), all shrunk by `factor` like the synthetic models."""
-    from mergekit_sd.synth import synth_tensors
+    from mergekit_sd.synth.models import synth_tensors
 
     t = {k: v.float() for k, v in synth_tensors("sd1", factor, "fp32", 11).items() if not k.startswith("cond_stage_model.")}
     d, g = 1024 // factor, torch.Generator().manual_seed(3)

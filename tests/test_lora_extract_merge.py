@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import write_recipe
 from mergekit_sd.arch.lora_keys import default_modules
-from mergekit_sd.lora.synth import write_synth_lora
+from mergekit_sd.synth.loras import write_synth_lora
 
 
 def f64(p: Path) -> dict[str, torch.Tensor]:
@@ -91,7 +91,7 @@ def test_extract_is_deterministic_and_clamps_only_when_asked(tmp_path, model_dir
 
 
 def test_extract_sdxl_full_rank_includes_te2_rows(tmp_path, model_dir, sdbuild):
-    from mergekit_sd.synth import write_synth
+    from mergekit_sd.synth.models import write_synth
 
     write_synth(tmp_path / "xl2.safetensors", "sdxl", 32, "fp16", 9)
     rp = write_recipe(tmp_path, f"""

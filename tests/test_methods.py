@@ -18,7 +18,7 @@ from mergekit_sd.lazy import LazyModel, from_tensors
 from mergekit_sd.methods import load_methods
 from mergekit_sd.ops import OpContext
 from mergekit_sd.ops.merge import build_merge
-from mergekit_sd.synth import synth_tensors
+from mergekit_sd.synth.models import synth_tensors
 
 METHODS = load_methods()
 UNET = "model.diffusion_model."
@@ -485,7 +485,7 @@ def sd1_pair():
 def test_block_weights_through_the_kernel(sd1_pair):
     ta, tb = sd1_pair
     s = "0.1,0,0,0,0,0,0,0,0,0,0,0,0,0.5,0,0,0,0,0,0.8,0,0,0,0,0,0"
-    from mergekit_sd.weights import normalize_weight
+    from mergekit_sd.arch.weights import normalize_weight
 
     out = merge_models("weighted_sum", [from_tensors(ta), from_tensors(tb)], alpha=normalize_weight(s, "alpha"))
     assert out.info["provenance"]["block_rule"] == "supermerger-2025"
@@ -552,7 +552,7 @@ def test_every_method_runs_on_a_synthetic_model(sd1_pair):
 
 
 def test_catalog_lists_every_method():
-    from mergekit_sd.catalog import describe_methods, format_methods_markdown, format_methods_table
+    from mergekit_sd.methods.catalog import describe_methods, format_methods_markdown, format_methods_table
 
     d = {m["name"]: m for m in describe_methods()}
     assert set(d) == set(METHODS)

@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import write_recipe
-from mergekit_sd import a1111, hashing
-from mergekit_sd.executor import Options, Session
-from mergekit_sd.lockfile import lock_path, read_lock
-from mergekit_sd.provenance import lineage_lines, read_provenance
-from mergekit_sd.recipe import load_recipe, parse_recipe
-from mergekit_sd.synth import write_synth
-from mergekit_sd.tensorio import SafetensorsFile, read_header
+from mergekit_sd.provenance import a1111
+from mergekit_sd.engine import keys as hashing
+from mergekit_sd.engine.session import Options, Session
+from mergekit_sd.engine.lockfile import lock_path, read_lock
+from mergekit_sd.provenance.record import lineage_lines, read_provenance
+from mergekit_sd.recipe.load import load_recipe, parse_recipe
+from mergekit_sd.synth.models import write_synth
+from mergekit_sd.formats.safetensors import SafetensorsFile, read_header
 from test_a1111 import GHOSTXL, SHA_A, SHA_B, SHA_C
 
 
@@ -407,7 +408,7 @@ def test_copied_sdbuild_provenance_is_not_taken_for_this_files(tmp_path, built, 
 
 
 def test_copied_provenance_becomes_the_ancestor_in_lineage(built):
-    from mergekit_sd.provenance import NodeFacts, lineage_of
+    from mergekit_sd.provenance.record import NodeFacts, lineage_of
 
     meta = _inherited_meta(built)
     recorded = meta["sdbuild.content_digest"]
@@ -418,7 +419,7 @@ def test_copied_provenance_becomes_the_ancestor_in_lineage(built):
 
 
 def test_recipe_recovery_round_trips_lora_and_prune_parameters(tmp_path, model_dir, sdbuild):
-    from mergekit_sd.lora.synth import write_synth_lora
+    from mergekit_sd.synth.loras import write_synth_lora
 
     write_synth_lora(tmp_path / "detail.safetensors", arch="sd1", format="lora", factor=32, rank=4, seed=1)
     rp = write_recipe(tmp_path, f"""
@@ -455,7 +456,7 @@ def test_recipe_recovery_round_trips_lora_and_prune_parameters(tmp_path, model_d
 
 
 def test_lineage_beyond_the_limit_keeps_only_digests(monkeypatch):
-    from mergekit_sd import provenance
+    from mergekit_sd.provenance import record as provenance
 
     monkeypatch.setattr(provenance, "LINEAGE_LIMIT", 110)  # two entries of 52 characters fit
     table = {f"{i:032x}": {"recipe": {"name": "x" * 30}} for i in range(5)}

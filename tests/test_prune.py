@@ -15,7 +15,7 @@ from conftest import write_recipe
 from mergekit_sd.lazy import from_tensors
 from mergekit_sd.ops import OpContext
 from mergekit_sd.ops.prune import broken_position_ids, build_prune, ema_key
-from mergekit_sd.synth import synth_tensors, write_synth
+from mergekit_sd.synth.models import synth_tensors, write_synth
 
 POS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 POS_XL = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"

@@ -11,7 +11,7 @@ from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import from_tensors
 from mergekit_sd.ops import OpContext
 from mergekit_sd.ops.vae import build_vae, diffusers_to_ldm, ldm_to_diffusers, reference_vae
-from mergekit_sd.synth import synth_tensors, synth_vae_tensors, write_synth, write_synth_ckpt
+from mergekit_sd.synth.models import synth_tensors, synth_vae_tensors, write_synth, write_synth_ckpt
 
 VAE = "first_stage_model."
 
@@ -77,7 +77,7 @@ def test_vae_from_a_legacy_ckpt_with_loss_keys(tmp_path):
     vae = synth_vae_tensors(32, "fp16", 7)
     vae["loss.logvar"] = torch.zeros(())
     p = write_synth_ckpt(tmp_path / "vae.pt", vae, extra={"global_step": 1})
-    from mergekit_sd.modelio import open_model
+    from mergekit_sd.formats.open import open_model
 
     out = build_vae([from_tensors(synth_tensors("sd1", 32, "fp16", 1)), open_model(p)], {}, OpContext(step="b"))
     assert out.info["provenance"]["vae"]["replaced"] == 248 and out.info["provenance"]["vae"]["ignored"] == 1

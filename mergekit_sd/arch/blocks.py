@@ -13,7 +13,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Callable, Iterable
 
-from ..errors import UserError, did_you_mean
+from mergekit_sd.errors import UserError, did_you_mean
 
 UNET = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

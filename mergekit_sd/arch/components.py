@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ..lazy import TensorSpec
-from .reference import REFERENCE_FILES, reference_keys
-from ..synth import shrink
+from mergekit_sd.lazy import TensorSpec
+from mergekit_sd.arch.reference import REFERENCE_FILES, reference_keys
+from mergekit_sd.synth.models import shrink
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 # component names of the reference key lists -> the names recipes use
@@ -66,7 +66,7 @@ class ArchGuess:
 def guess_arch(specs: Mapping[str, TensorSpec]) -> ArchGuess:
     """The detected architecture (arch.detect, FORMATS §1.3) plus what key checks need: the reference list to compare
     against and the shrink factor of synthetic models (from `time_embed`, so shrunk files check against shrunk shapes)."""
-    from .detect import detect, model_kind
+    from mergekit_sd.arch.detect import detect, model_kind
 
     info = detect(specs)
     if not info.known:

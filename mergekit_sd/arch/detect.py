@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..lazy import TensorSpec
+from mergekit_sd.lazy import TensorSpec
 
 UNET = "model.diffusion_model."
 INPUT_CONV = UNET + "input_blocks.0.0.weight"

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .reference import reference_keys
+from mergekit_sd.arch.reference import reference_keys
 
 UNET = "model.diffusion_model."
 SD1_TE = "cond_stage_model.transformer."
@@ -217,7 +217,7 @@ def default_modules(arch: str, conv: bool = False) -> dict[str, Target]:
 
 def checkpoint_arch(specs) -> str | None:
     """sd1 / sd2 / sdxl (the architectures these tables cover), or None (unknown, or e.g. the SDXL refiner)."""
-    from .detect import detect
+    from mergekit_sd.arch.detect import detect
 
     found = detect(specs).arch
     if found in ARCHES:

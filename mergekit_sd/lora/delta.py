@@ -11,8 +11,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..lazy import TensorSpec
-from .formats import Module
+from mergekit_sd.lazy import TensorSpec
+from mergekit_sd.lora.formats import Module
 
 Tensor = torch.Tensor
 

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ..errors import UserError
-from ..lazy import TensorSpec
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import TensorSpec
 
 # suffix -> algorithm; the suffix itself is the role name used everywhere else
 ALGO_OF = {
@@ -122,7 +122,7 @@ def split_key(key: str, te1: str) -> tuple[str, str, str] | None:
 def parse_lora(specs: Mapping[str, TensorSpec], label: str, te1: str = "lora_te") -> ParsedLora:
     """Group a LoRA file's tensors into modules and decide each module's algorithm from its suffixes."""
     if not any(split_key(k, te1) for k in specs):
-        from ..arch.detect import model_kind
+        from mergekit_sd.arch.detect import model_kind
 
         kind = model_kind(specs)
         looks = f"it looks like a {kind}" if kind in ("checkpoint", "vae") else "it has no LoRA tensors"

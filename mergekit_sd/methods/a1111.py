@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import merge_method
+from mergekit_sd.methods import merge_method
 
 
 def smoothstep(m: float) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import merge_method
+from mergekit_sd.methods import merge_method
 
 
 @merge_method(formula="(M1 + M2 + ... + Mn)/n", elementwise=True)

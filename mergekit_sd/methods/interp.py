@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import merge_method
+from mergekit_sd.methods import merge_method
 
 # above this |cos| the two tensors are treated as parallel and interpolated linearly (sin(omega) is ~0)
 DOT_THRESHOLD = 0.9995

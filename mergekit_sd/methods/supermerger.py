@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import merge_method
-from .filters import smooth
+from mergekit_sd.methods import merge_method
+from mergekit_sd.methods.filters import smooth
 
 VAE_PREFIX = "first_stage_model."
 

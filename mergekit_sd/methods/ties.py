@@ -6,7 +6,7 @@ import zlib
 
 import torch
 
-from . import merge_method
+from mergekit_sd.methods import merge_method
 
 
 def kth_largest(mag: torch.Tensor, keep: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import UserError
-from ..lazy import LazyModel
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel
 
 REQUIRED = object()
 
@@ -117,7 +117,7 @@ def load_ops() -> dict[str, OpSpec]:
 def get_op(name: str, where: str | None = None) -> OpSpec:
     ops = load_ops()
     if name not in ops:
-        from ..errors import did_you_mean
+        from mergekit_sd.errors import did_you_mean
 
         raise UserError(f"unknown op {name!r}{did_you_mean(name, ops)}; `sdbuild methods` lists them", where)
     return ops[name]

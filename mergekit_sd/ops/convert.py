@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.components import MARKERS
-from ..errors import StepError
-from ..lazy import LazyModel, TensorSpec
-from ..tensorio import CODE_OF, DTYPE_NAMES
-from . import REQUIRED, Field, OpContext, OpSpec, register_op
+from mergekit_sd.arch.components import MARKERS
+from mergekit_sd.errors import StepError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.formats.safetensors import CODE_OF, DTYPE_NAMES
+from mergekit_sd.ops import REQUIRED, Field, OpContext, OpSpec, register_op
 
 CONVERT_DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 VERSION = 1

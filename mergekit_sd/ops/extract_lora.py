@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from ..arch.lora_keys import ARCH_TITLES, Target, checkpoint_arch, default_modules
-from ..errors import UserError
-from ..lazy import LazyModel, TensorSpec
-from ..lora.svd import factor_rank, svd_factor
-from ..tensorio import DTYPE_NAMES
-from . import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
-from .merge import check_finite
+from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, checkpoint_arch, default_modules
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lora.svd import factor_rank, svd_factor
+from mergekit_sd.formats.safetensors import DTYPE_NAMES
+from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
+from mergekit_sd.ops.merge import check_finite
 
 VERSION = 1
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}

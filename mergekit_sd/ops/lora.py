@@ -15,16 +15,24 @@ from typing import Any, Callable
 
 import torch
 
-from ..arch.lora_keys import ARCH_TITLES, Target, checkpoint_arch, table
-from ..errors import UserError
-from ..lazy import LazyModel, TensorSpec
-from ..lora.delta import (bias_role, compute_delta, delta_shape, dora_convention, dora_weight, fits, ia3_delta,
-                          module_scale)
-from ..lora.formats import ALGO_TITLES, Module, declared_arch, name_arch, parse_lora
-from ..lora.strength import compile_strength, entries_schema, validate_lora_entries
-from ..tensorio import DTYPE_NAMES
-from . import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
-from .merge import check_finite
+from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, checkpoint_arch, table
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lora.delta import (
+    bias_role,
+    compute_delta,
+    delta_shape,
+    dora_convention,
+    dora_weight,
+    fits,
+    ia3_delta,
+    module_scale,
+)
+from mergekit_sd.lora.formats import ALGO_TITLES, Module, declared_arch, name_arch, parse_lora
+from mergekit_sd.lora.strength import compile_strength, entries_schema, validate_lora_entries
+from mergekit_sd.formats.safetensors import DTYPE_NAMES
+from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
+from mergekit_sd.ops.merge import check_finite
 
 VERSION = 1
 KNOWN_CONTEXT = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
@@ -118,7 +126,7 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
     model_label = ctx.input_labels[0] if ctx.input_labels else (model.label or "the model")
     arch = checkpoint_arch(model.specs)
     if arch is None:
-        from ..arch.detect import detect
+        from mergekit_sd.arch.detect import detect
 
         found = detect(model.specs)
         what = f"is {found.describe()}" if found.known else "has an architecture sdbuild cannot tell"

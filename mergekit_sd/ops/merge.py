@@ -18,17 +18,24 @@ from typing import Any
 
 import torch
 
-from ..arch.blocks import (
-    DEFAULT_RULE, RULES, compile_elemental, compile_inex, elemental_value, get_rule, merged_by_inex, normalize_elemental,
+from mergekit_sd.arch.blocks import (
+    DEFAULT_RULE,
+    RULES,
+    compile_elemental,
+    compile_inex,
+    elemental_value,
+    get_rule,
+    merged_by_inex,
+    normalize_elemental,
     normalize_inex,
 )
-from ..arch.detect import ArchInfo, detect
-from ..errors import StepError, UserError
-from ..lazy import LazyModel, TensorSpec
-from ..methods import Method, load_methods
-from ..tensorio import DTYPE_NAMES
-from ..weights import compile_weight, is_block_weight, normalize_weight
-from . import DTYPE_FIELD, REQUIRED, Field, OpContext, OpSpec, register_op
+from mergekit_sd.arch.detect import ArchInfo, detect
+from mergekit_sd.errors import StepError, UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.methods import Method, load_methods
+from mergekit_sd.formats.safetensors import DTYPE_NAMES
+from mergekit_sd.arch.weights import compile_weight, is_block_weight, normalize_weight
+from mergekit_sd.ops import DTYPE_FIELD, REQUIRED, Field, OpContext, OpSpec, register_op
 
 KERNEL_VERSION = 1
 ON_MISSING = ("keep_a", "take_b", "error")

@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 
-from ..arch.lora_keys import ARCH_TITLES, Target, table
-from ..errors import UserError
-from ..lazy import LazyModel, TensorSpec
-from ..lora.delta import bias_role, compute_delta, delta_shape, fits, module_scale
-from ..lora.formats import Module, declared_arch, name_arch, parse_lora
-from ..lora.strength import compile_strength, entries_schema, validate_lora_entries
-from ..lora.svd import factor_rank, svd_factor
-from ..tensorio import DTYPE_NAMES
-from . import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
-from .extract_lora import MODELSPEC_ARCH, _validate_quantile, _validate_rank, lora_metadata
-from .merge import check_finite
+from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, table
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lora.delta import bias_role, compute_delta, delta_shape, fits, module_scale
+from mergekit_sd.lora.formats import Module, declared_arch, name_arch, parse_lora
+from mergekit_sd.lora.strength import compile_strength, entries_schema, validate_lora_entries
+from mergekit_sd.lora.svd import factor_rank, svd_factor
+from mergekit_sd.formats.safetensors import DTYPE_NAMES
+from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
+from mergekit_sd.ops.extract_lora import MODELSPEC_ARCH, _validate_quantile, _validate_rank, lora_metadata
+from mergekit_sd.ops.merge import check_finite
 
 VERSION = 1
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from ..arch.components import COMPONENTS, UNET, classify, is_position_ids
-from ..ckpt import rename_model
-from ..errors import UserError
-from ..lazy import LazyModel, TensorSpec
-from ..tensorio import DTYPE_NAMES, dtype_code
-from . import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
-from .convert import cast_model
+from mergekit_sd.arch.components import COMPONENTS, UNET, classify, is_position_ids
+from mergekit_sd.formats.ckpt import rename_model
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.formats.safetensors import DTYPE_NAMES, dtype_code
+from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
+from mergekit_sd.ops.convert import cast_model
 
 VERSION = 1
 
@@ -44,7 +44,7 @@ def _components(value: Any, where: str) -> list[str] | None:
         raise UserError("must be a list of components: " + ", ".join(COMPONENTS), where)
     for v in value:
         if v not in COMPONENTS:
-            from ..errors import did_you_mean
+            from mergekit_sd.errors import did_you_mean
 
             raise UserError(f"unknown component {v!r}{did_you_mean(v, COMPONENTS)}; components are {', '.join(COMPONENTS)}", where)
     return sorted(set(value), key=COMPONENTS.index)

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from ..arch.components import VAE, guess_arch, shrink
-from ..arch.reference import reference_keys
-from ..errors import UserError
-from ..lazy import LazyModel, TensorSpec
-from ..tensorio import dtype_code
-from ..inspect import KNOWN_VAE_FINGERPRINTS, vae_fingerprint
-from . import Field, OpContext, OpSpec, register_op
-from .convert import checked_cast
+from mergekit_sd.arch.components import VAE, guess_arch, shrink
+from mergekit_sd.arch.reference import reference_keys
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.formats.safetensors import dtype_code
+from mergekit_sd.inspect import KNOWN_VAE_FINGERPRINTS, vae_fingerprint
+from mergekit_sd.ops import Field, OpContext, OpSpec, register_op
+from mergekit_sd.ops.convert import checked_cast
 
 VERSION = 1
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",

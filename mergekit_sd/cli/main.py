@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .errors import SdbuildError
+from mergekit_sd import __version__
+from mergekit_sd.errors import SdbuildError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -98,8 +98,8 @@ EXTRA_PARSERS: list[Callable] = []
 
 
 def _options(args: argparse.Namespace):
-    from .executor import Options, default_cache_dir
-    from .progress import Progress
+    from mergekit_sd.engine.session import Options, default_cache_dir
+    from mergekit_sd.engine.progress import Progress
 
     return Options(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out_dir, models=list(args.models),
                    device=getattr(args, "device", "cpu"), quiet=args.quiet, progress=Progress(args.quiet))
@@ -107,7 +107,7 @@ def _options(args: argparse.Namespace):
 
 @command("build")
 def cmd_build(args: argparse.Namespace) -> int:
-    from . import stamp
+    from mergekit_sd.engine import stamp
 
     cache_dir = args.cache_dir or Path(os.environ.get("SDBUILD_CACHE") or "cache")
     key = stamp.stamp_key(args.recipe, {"nodes": args.nodes, "out_dir": os.path.abspath(args.out_dir) if args.out_dir else None,
@@ -115,8 +115,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                                         "locked": args.locked, "device": args.device})
     report = stamp.check(cache_dir, key)
     if report is None:
-        from .executor import Session
-        from .recipe import load_recipe
+        from mergekit_sd.engine.session import Session
+        from mergekit_sd.recipe.load import load_recipe
 
         session = Session(load_recipe(args.recipe), _options(args))
         for hook in HOOKS.get("before_build", []):
@@ -143,8 +143,8 @@ HOOKS: dict[str, list[Callable]] = {}
 
 @command("plan")
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .executor import Session
-    from .recipe import load_recipe
+    from mergekit_sd.engine.session import Session
+    from mergekit_sd.recipe.load import load_recipe
 
     states = Session(load_recipe(args.recipe), _options(args)).plan(args.nodes or None)
     if args.json:
@@ -161,7 +161,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 @command("inspect")
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import format_inspect, inspect_model
+    from mergekit_sd.inspect import format_inspect, inspect_model
 
     if args.tree and "inspect_tree" in HOOKS:
         return HOOKS["inspect_tree"][0](args)
@@ -175,7 +175,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 @command("methods")
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .catalog import describe_methods, format_methods_table
+    from mergekit_sd.methods.catalog import describe_methods, format_methods_table
 
     if args.json:
         print(json.dumps(describe_methods(), indent=2))
@@ -187,18 +187,18 @@ def cmd_methods(args: argparse.Namespace) -> int:
 @command("synth")
 def cmd_synth(args: argparse.Namespace) -> int:
     if args.demo:
-        from .demo import make_demo_models
+        from mergekit_sd.synth.demo import make_demo_models
 
         for p in make_demo_models(args.out):
             if not args.quiet:
                 print(p)
         return 0
     if args.lora:
-        from .lora.synth import write_synth_lora
+        from mergekit_sd.synth.loras import write_synth_lora
 
         path = write_synth_lora(args.out, arch=args.arch, format=args.lora, factor=args.factor, rank=args.rank, seed=args.seed)
     else:
-        from .synth import write_synth
+        from mergekit_sd.synth.models import write_synth
 
         path = write_synth(args.out, args.arch, args.factor, args.dtype, args.seed, ema=args.ema, junk=args.junk,
                            markers=args.markers, inpainting=args.inpainting)
@@ -209,7 +209,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 @command("gc")
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .executor import gc
+    from mergekit_sd.engine.session import gc
 
     args.out_dir = None
     removed, freed = gc(args.recipes, _options(args), dry_run=args.dry_run)
@@ -220,7 +220,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 @command("schema")
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .schema import recipe_schema
+    from mergekit_sd.recipe.schema import recipe_schema
 
     print(json.dumps(recipe_schema(), indent=2))
     return 0
@@ -237,7 +237,7 @@ def _load_plugins() -> None:
             pass
 
 
-CLI_MODULES: list[str] = ["mergekit_sd.cli_provenance"]
+CLI_MODULES: list[str] = ["mergekit_sd.cli.provenance"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import UserError, did_you_mean
-from .ops import Field, OpSpec, get_op, load_ops
-from .weights import normalize_weight
+from mergekit_sd.errors import UserError, did_you_mean
+from mergekit_sd.ops import Field, OpSpec, get_op, load_ops
+from mergekit_sd.arch.weights import normalize_weight
 
 FORMAT_VERSION = 1
 TOP_FIELDS = ("sdbuild", "name", "card", "inputs", "steps", "outputs")

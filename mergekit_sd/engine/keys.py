@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import xxhash
 
-from .errors import UserError
+from mergekit_sd.errors import UserError
 
 # counters tests use to prove that a no-op build reads no model bytes
 STATS = {"files_hashed": 0, "bytes_hashed": 0}
@@ -77,7 +77,7 @@ def file_identity(path: Path) -> tuple[int, int, int]:
 
 def digest_file(path: str | os.PathLike, db: StateDB | None, want_sha256: bool = True) -> tuple[str, str | None]:
     """(content digest, file sha256) of a model file, memoised by (path, size, mtime_ns, inode)."""
-    from .modelio import content_digest_and_sha256
+    from mergekit_sd.formats.open import content_digest_and_sha256
 
     p = Path(path).resolve()
     try:

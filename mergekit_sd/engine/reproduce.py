@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import UserError, VerifyError
-from .hashing import STATS, StateDB, digest_file, file_identity, remember_digest, sha256_file
-from .provenance import CONTENT_DIGEST_KEY, SCHEMA_VERSION, read_provenance
+from mergekit_sd.errors import UserError, VerifyError
+from mergekit_sd.engine.keys import STATS, StateDB, digest_file, file_identity, remember_digest, sha256_file
+from mergekit_sd.provenance.record import CONTENT_DIGEST_KEY, SCHEMA_VERSION, read_provenance
 
 MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -31,7 +31,7 @@ def memo_db(cache_dir: str | os.PathLike) -> StateDB:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A model file's `__metadata__` (safetensors only: legacy pickles carry none)."""
-    from .tensorio import read_header
+    from mergekit_sd.formats.safetensors import read_header
 
     p = Path(path)
     if not p.is_file():
@@ -128,9 +128,9 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
               device: str = "cpu") -> ReproduceReport:
     """Rebuild `path` from its embedded recipe and verify it; raises UserError for missing inputs (exit 2) and
     VerifyError when the rebuilt model differs (exit 1, naming the first differing tensors)."""
-    from .executor import Options, Session
-    from .progress import Progress
-    from .recipe import parse_recipe
+    from mergekit_sd.engine.session import Options, Session
+    from mergekit_sd.engine.progress import Progress
+    from mergekit_sd.recipe.load import parse_recipe
 
     path = Path(path)
     meta = read_metadata(path)
@@ -174,7 +174,7 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
             except OSError:
                 shutil.copyfile(p, link)
             links[n] = str(link.relative_to(scratch))
-        from .a1111 import recipe_from_provenance
+        from mergekit_sd.provenance.a1111 import recipe_from_provenance
 
         text = recipe_from_provenance(prov, path.name, paths=links)
         rpath = scratch / "recipe.yaml"
@@ -216,8 +216,8 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
 
 def _version_notes(prov: dict[str, Any]) -> list[str]:
     """Ops whose implementation changed since the file was written (results may legitimately differ)."""
-    from . import TOOL
-    from .ops import load_ops
+    from mergekit_sd import TOOL
+    from mergekit_sd.ops import load_ops
 
     notes = []
     ops = load_ops()
@@ -234,7 +234,7 @@ def _version_notes(prov: dict[str, Any]) -> list[str]:
 
 def tensor_digests(path: str | os.PathLike) -> dict[str, bytes]:
     """Per-tensor content digests (name, dtype, shape, bytes) of a safetensors file."""
-    from .tensorio import SafetensorsFile, tensor_digest
+    from mergekit_sd.formats.safetensors import SafetensorsFile, tensor_digest
 
     out: dict[str, bytes] = {}
     with SafetensorsFile(path) as f:
@@ -256,7 +256,7 @@ def differing_tensors(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
 
 def recipe_for_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
     """`sdbuild recipe`: the recipe recovered from a file, checked against the file's own tensors."""
-    from .a1111 import recover_recipe
+    from mergekit_sd.provenance.a1111 import recover_recipe
 
     p = Path(path)
     meta = read_metadata(p)
@@ -273,7 +273,7 @@ def recipe_for_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> st
 
 def hash_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str, str]:
     """sha256, AutoV2, legacy hash and content digest of a model file (sha256 and digest memoised)."""
-    from .a1111 import autov2, legacy_hash
+    from mergekit_sd.provenance.a1111 import autov2, legacy_hash
 
     p = Path(path)
     if not p.is_file():
@@ -291,7 +291,7 @@ def lineage_tree(path: str | os.PathLike, as_json: bool = False) -> str:
     """The lineage of a model as an indented tree (or nested JSON): steps, inputs, and the generations before them."""
     import json
 
-    from .provenance import lineage_json, lineage_lines
+    from mergekit_sd.provenance.record import lineage_json, lineage_lines
 
     p = Path(path)
     meta = read_metadata(p)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import cli
+from mergekit_sd.cli import main as cli
 
 
 def _cache(args: argparse.Namespace) -> Path:
@@ -48,7 +48,7 @@ def _parsers(sub) -> None:
 
 @cli.command("reproduce")
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from mergekit_sd.engine.reproduce import reproduce
 
     rep = reproduce(args.file, list(args.models), _cache(args), keep=args.keep, device=args.device)
     if args.json:
@@ -65,7 +65,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 @cli.command("recipe")
 def cmd_recipe(args: argparse.Namespace) -> int:
-    from .reproduce import recipe_for_file
+    from mergekit_sd.engine.reproduce import recipe_for_file
 
     text = recipe_for_file(args.file, _cache(args))
     if args.output:
@@ -79,7 +79,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 @cli.command("hash")
 def cmd_hash(args: argparse.Namespace) -> int:
-    from .reproduce import hash_file
+    from mergekit_sd.engine.reproduce import hash_file
 
     h = hash_file(args.file, _cache(args))
     if args.json:
@@ -92,7 +92,7 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 @cli.command("lock")
 def cmd_lock(args: argparse.Namespace) -> int:
-    from .lockfile import lock_recipe
+    from mergekit_sd.engine.lockfile import lock_recipe
 
     path, lock = lock_recipe(args.recipe, cli._options(args))
     if not args.quiet:
@@ -101,7 +101,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def inspect_tree(args: argparse.Namespace) -> int:
-    from .reproduce import lineage_tree
+    from mergekit_sd.engine.reproduce import lineage_tree
 
     sys.stdout.write(lineage_tree(args.file, as_json=getattr(args, "json", False)))
     return 0
@@ -109,13 +109,13 @@ def inspect_tree(args: argparse.Namespace) -> int:
 
 def before_build(session, args: argparse.Namespace) -> None:
     if getattr(args, "locked", False):
-        from .lockfile import check_locked_inputs
+        from mergekit_sd.engine.lockfile import check_locked_inputs
 
         check_locked_inputs(session, args.nodes or None)
 
 
 def after_build(session, args: argparse.Namespace, result) -> None:
-    from .lockfile import lock_drift
+    from mergekit_sd.engine.lockfile import lock_drift
 
     for msg in lock_drift(session, list(result.outputs) or list(session.recipe.outputs)):
         session.progress.warn(msg)

@@ -23,9 +23,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from . import TOOL
-from .a1111 import input_from_metadata, merge_fields
-from .hashing import canonical
+from mergekit_sd import TOOL
+from mergekit_sd.provenance.a1111 import input_from_metadata, merge_fields
+from mergekit_sd.engine.keys import canonical
 
 SCHEMA_VERSION = 1
 PROVENANCE_KEY = "sdbuild.provenance"
@@ -108,7 +108,7 @@ def _node_entry(n: NodeFacts, node: str) -> dict[str, Any]:
     rule = (n.facts or {}).get("block_rule") or (n.params or {}).get("block_rule")
     if not rule and _has_block_weights(n.params or {}):
         try:
-            from .arch.blocks import DEFAULT_RULE
+            from mergekit_sd.arch.blocks import DEFAULT_RULE
         except ImportError:  # pragma: no cover - block weights need the rule sets
             DEFAULT_RULE = None
         rule = DEFAULT_RULE
@@ -311,7 +311,7 @@ def _short_params(params: Mapping[str, Any], op: str | None = None) -> str:
     """Parameters worth showing in a tree line: not references, not the op's defaults."""
     defaults: dict[str, Any] = {}
     if op:
-        from .a1111 import _op_defaults
+        from mergekit_sd.provenance.a1111 import _op_defaults
 
         defaults = _op_defaults(op) or {}
     bits = []
@@ -372,7 +372,7 @@ def _render_node(name: str, inputs: Mapping, steps: Mapping, names: set[str], li
 
 
 def _render_foreign(foreign: Mapping[str, str], lines: list[str], prefix: str) -> None:
-    from .a1111 import parse_merge_metadata
+    from mergekit_sd.provenance.a1111 import parse_merge_metadata
 
     rec = parse_merge_metadata(foreign)
     if rec is None:
@@ -426,7 +426,7 @@ def _json_prov(prov: Mapping[str, Any], table: Mapping[str, Any], seen: set[str]
 
 
 def _json_foreign(foreign: Mapping[str, str]) -> dict[str, Any]:
-    from .a1111 import parse_merge_metadata
+    from mergekit_sd.provenance.a1111 import parse_merge_metadata
 
     rec = parse_merge_metadata(foreign)
     if rec is None:

@@ -6,8 +6,8 @@ from typing import Iterable
 
 import networkx as nx
 
-from .errors import UserError, did_you_mean
-from .recipe import Recipe
+from mergekit_sd.errors import UserError, did_you_mean
+from mergekit_sd.recipe.load import Recipe
 
 
 def build_graph(recipe: Recipe) -> nx.DiGraph:

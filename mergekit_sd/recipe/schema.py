@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .ops import Field, load_ops
-from .recipe import CARD_FIELDS, INPUT_FIELDS
+from mergekit_sd.ops import Field, load_ops
+from mergekit_sd.recipe.load import CARD_FIELDS, INPUT_FIELDS
 
 NUMBER = {"type": "number"}
 BLOCK_WEIGHTS = {

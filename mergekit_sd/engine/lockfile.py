@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .errors import UserError
+from mergekit_sd.errors import UserError
 
 LOCK_VERSION = 1
 KINDS = ("input", "output")
@@ -182,7 +182,7 @@ def entries_from(inputs: Mapping[str, tuple[str | None, str | None]], outputs: M
 
 def input_hashes(session, targets: list[str] | None = None) -> dict[str, tuple[str | None, str]]:
     """input name -> (file sha256, content digest) for every input the targets need (memoised, no model bytes read)."""
-    from .graph import build_order
+    from mergekit_sd.recipe.graph import build_order
 
     return {n: (session.input_facts(n).sha256, session.input_facts(n).digest)
             for n in build_order(session.recipe, session.graph, targets) if n in session.recipe.inputs}
@@ -197,8 +197,8 @@ def session_lock(session, targets: list[str] | None = None) -> Lock:
 
 def lock_recipe(recipe_path: str | os.PathLike, options) -> tuple[Path, Lock]:
     """Build the recipe (cached steps are not redone) and write RECIPE.lock beside it."""
-    from .executor import Session
-    from .recipe import load_recipe
+    from mergekit_sd.engine.session import Session
+    from mergekit_sd.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path)
     session = Session(recipe, options)

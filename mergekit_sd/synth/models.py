@@ -14,10 +14,10 @@ from typing import Iterable
 
 import torch
 
-from .arch.reference import reference_keys
-from .errors import UserError
-from .lazy import LazyModel, TensorSpec
-from .tensorio import DTYPE_NAMES, write_model
+from mergekit_sd.arch.reference import reference_keys
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.formats.safetensors import DTYPE_NAMES, write_model
 
 ARCHES = ("sd1", "sdxl")
 MARKERS = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
@@ -144,7 +144,7 @@ def synth_vae_tensors(factor: int = 32, dtype: str = "fp32", seed: int = 7, layo
     if layout == "checkpoint":
         return {"first_stage_model." + k: v for k, v in vae.items()}
     if layout == "diffusers":
-        from .ops.vae import ldm_to_diffusers
+        from mergekit_sd.ops.vae import ldm_to_diffusers
 
         out = {}
         for k, v in vae.items():

@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import TOOL
+from mergekit_sd import TOOL
 
 TABLE = "CREATE TABLE IF NOT EXISTS stamp (key TEXT PRIMARY KEY, files TEXT, report TEXT)"
 

@@ -6,9 +6,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import UserError
-from .lazy import LazyModel
-from .tensorio import SafetensorsFile, file_content_digest, model_content_digest
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel
+from mergekit_sd.formats.safetensors import SafetensorsFile, file_content_digest, model_content_digest
 
 SAFETENSORS_EXT = (".safetensors",)
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -23,11 +23,11 @@ def open_model(path: str | os.PathLike) -> LazyModel:
     p = Path(path)
     ext = p.suffix.lower()
     if ext in PICKLE_EXT:
-        from .ckpt import open_ckpt
+        from mergekit_sd.formats.ckpt import open_ckpt
 
         return open_ckpt(p)
     if ext in SAFETENSORS_EXT or ext == "":
-        from .ckpt import rename_model
+        from mergekit_sd.formats.ckpt import rename_model
 
         return rename_model(SafetensorsFile(p).lazy())
     raise UserError(f"unsupported model file type {ext!r}; use .safetensors (or a legacy .ckpt/.pt)", str(p))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .synth import write_synth
+from mergekit_sd.synth.models import write_synth
 
 DEMO_FACTOR = 16
 DEMO_MODELS = {"base": 1, "anime": 2, "detail": 3}
@@ -20,7 +20,7 @@ def make_demo_models(folder: str | Path) -> list[Path]:
             write_synth(p, "sd1", DEMO_FACTOR, "fp16", seed, title=f"demo {name}")
         out.append(p)
     try:
-        from .lora.synth import make_demo_loras
+        from mergekit_sd.synth.loras import make_demo_loras
     except ImportError:
         return out
     out += make_demo_loras(folder)

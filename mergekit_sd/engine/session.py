@@ -16,18 +16,18 @@ from typing import Any
 
 import torch
 
-from .a1111 import legacy_hash
-from .errors import StepError, UserError, SdbuildError
-from .graph import build_graph, build_order
-from .hashing import canonical, compute_key, digest_file, object_key
-from .lazy import LazyModel
-from .modelio import open_model
-from .ops import OpContext, get_op
-from .progress import Progress
-from .provenance import NodeFacts, build_metadata, read_provenance
-from .recipe import Recipe, load_recipe
-from .store import Store, materialise
-from .tensorio import SafetensorsFile, read_header, write_model
+from mergekit_sd.provenance.a1111 import legacy_hash
+from mergekit_sd.errors import StepError, UserError, SdbuildError
+from mergekit_sd.recipe.graph import build_graph, build_order
+from mergekit_sd.engine.keys import canonical, compute_key, digest_file, object_key
+from mergekit_sd.lazy import LazyModel
+from mergekit_sd.formats.open import open_model
+from mergekit_sd.ops import OpContext, get_op
+from mergekit_sd.engine.progress import Progress
+from mergekit_sd.provenance.record import NodeFacts, build_metadata, read_provenance
+from mergekit_sd.recipe.load import Recipe, load_recipe
+from mergekit_sd.engine.store import Store, materialise
+from mergekit_sd.formats.safetensors import SafetensorsFile, read_header, write_model
 
 MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -74,7 +74,7 @@ def default_cache_dir() -> Path:
 def annotate(model: LazyModel) -> LazyModel:
     """Attach the detected architecture (what merge and LoRA ops check inputs against)."""
     try:
-        from .arch.detect import detect
+        from mergekit_sd.arch.detect import detect
     except ImportError:
         return model
     if "arch" not in model.info:
@@ -377,7 +377,7 @@ def _check_kind(ref: str, model: LazyModel, want: str, step: str, where: str) ->
     if want == "any":
         return
     try:
-        from .arch.detect import model_kind
+        from mergekit_sd.arch.detect import model_kind
     except ImportError:
         return
     got = model_kind(model.specs)
@@ -397,8 +397,8 @@ def _device(name: str) -> torch.device:
 
 def gc(recipes: list[Path], options: Options, dry_run: bool = False) -> tuple[int, int]:
     """Keep the objects every given recipe's current plan points at (whether built or not); drop the rest."""
-    from . import stamp
-    from .store import collect_garbage
+    from mergekit_sd.engine import stamp
+    from mergekit_sd.engine.store import collect_garbage
 
     keep: set[str] = set()
     for r in recipes:

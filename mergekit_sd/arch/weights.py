@@ -14,10 +14,18 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .arch.blocks import (
-    LIST_LENGTHS, Selector, family_of, get_rule, is_vae_key, list_to_blocks, parse_selector, parse_weight_string, presets,
+from mergekit_sd.arch.blocks import (
+    LIST_LENGTHS,
+    Selector,
+    family_of,
+    get_rule,
+    is_vae_key,
+    list_to_blocks,
+    parse_selector,
+    parse_weight_string,
+    presets,
 )
-from .errors import UserError, did_you_mean
+from mergekit_sd.errors import UserError, did_you_mean
 
 
 def _number(v: Any, where: str) -> float:
@@ -60,7 +68,7 @@ def normalize_weight(value: Any, where: str) -> Any:
         vals = []
         for i, v in enumerate(value):
             if isinstance(v, str):
-                from .arch.blocks import parse_number
+                from mergekit_sd.arch.blocks import parse_number
 
                 vals.append(parse_number(v, f"{where}[{i}]"))
             else:

@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 
 from filelock import FileLock
 
-from .hashing import StateDB, digest_file, file_identity, remember_digest
-from .tensorio import WriteResult
+from mergekit_sd.engine.keys import StateDB, digest_file, file_identity, remember_digest
+from mergekit_sd.formats.safetensors import WriteResult
 
 
 class Store:

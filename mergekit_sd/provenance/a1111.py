@@ -580,7 +580,7 @@ def recover_recipe(metadata: Mapping[str, str], file_name: str | None = None, ac
 
 
 def _provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    from .provenance import read_provenance
+    from mergekit_sd.provenance.record import read_provenance
 
     prov = read_provenance(metadata)
     return prov if prov is not None and isinstance(prov.get("recipe"), dict) else None
@@ -589,7 +589,7 @@ def _provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
 def _op_defaults(op: str) -> dict[str, Any] | None:
     """Field defaults of a registered op, so recovered steps show only what differs from them."""
     try:
-        from .ops import load_ops
+        from mergekit_sd.ops import load_ops
 
         spec = load_ops().get(op)
     except Exception:  # the registry is optional for recovery
@@ -666,7 +666,7 @@ def recipe_from_provenance(prov: Mapping[str, Any], file_name: str | None = None
 
 def _step_order(steps: Mapping[str, Any], inputs: set[str]) -> list[str]:
     """Steps with every step they read listed before them (provenance stores them sorted by name)."""
-    from .provenance import _refs_in
+    from mergekit_sd.provenance.record import _refs_in
 
     names = set(steps)
     done: list[str] = []

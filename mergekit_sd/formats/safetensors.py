@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 import xxhash
 
-from .errors import UserError
-from .lazy import LazyModel, TensorSpec
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
 
 MAX_HEADER_SIZE = 100_000_000
 

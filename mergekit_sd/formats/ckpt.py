@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import UserError
-from .lazy import LazyModel, TensorSpec
-from .tensorio import CODE_OF
+from mergekit_sd.errors import UserError
+from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.formats.safetensors import CODE_OF
 
 NAI_ALIAS = "cond_stage_model.transformer."
 NAI_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -187,7 +187,7 @@ def open_ckpt(path: str | os.PathLike) -> LazyModel:
     p = Path(path)
     where = str(p)
     if _looks_like_safetensors(p):  # a safetensors file under a legacy extension: read it as what it is
-        from .tensorio import SafetensorsFile
+        from mergekit_sd.formats.safetensors import SafetensorsFile
 
         return rename_model(SafetensorsFile(p).lazy())
     obj = _load(p)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .arch.blocks import DEFAULT_RULE, RULES
-from .methods import REQUIRED, Method, load_methods
+from mergekit_sd.arch.blocks import DEFAULT_RULE, RULES
+from mergekit_sd.methods import REQUIRED, Method, load_methods
 
 # what the models of a method are, when the signature's names say too little
 _MODEL_HINT = {"base": "base", "m1": "M1", "m2": "M2", "a": "A", "b": "B", "c": "C"}

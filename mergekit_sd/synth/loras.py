@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from ..arch.lora_keys import UNET, Target, default_modules, kohya, ldm_to_diffusers, table
-from ..errors import UserError
-from ..synth import synth_specs
-from ..tensorio import DTYPE_NAMES, write_model
-from ..lazy import from_tensors
+from mergekit_sd.arch.lora_keys import UNET, Target, default_modules, kohya, ldm_to_diffusers, table
+from mergekit_sd.errors import UserError
+from mergekit_sd.synth.models import synth_specs
+from mergekit_sd.formats.safetensors import DTYPE_NAMES, write_model
+from mergekit_sd.lazy import from_tensors
 
 FORMATS = ("lora", "locon", "tucker", "loha", "lokr", "full", "norm", "ia3", "dora_in", "dora_out",
            "peft", "peft_dora", "peft_raw", "diffusers_old", "oft", "glora")
@@ -237,7 +237,7 @@ DEMO_LORAS = {"detail-lora": ("lora", 1), "style-locon": ("locon", 2)}
 def make_demo_loras(folder: str | os.PathLike, factor: int | None = None) -> list[Path]:
     """The LoRA inputs of `recipes/lora-demo.yaml` (skipping files already there), sized for the demo models."""
     if factor is None:
-        from ..demo import DEMO_FACTOR
+        from mergekit_sd.synth.demo import DEMO_FACTOR
 
         factor = DEMO_FACTOR
     folder = Path(folder)

@@ -1,0 +1,1 @@
+"""Command line: argument parsing and printing only; every command calls one library function."""

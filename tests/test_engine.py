@@ -17,9 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_recipe
-from mergekit_sd.engine import keys as hashing
+from mergekit_sd.engine import memo as hashing
 from mergekit_sd.formats import safetensors as tensorio
-from mergekit_sd.engine.session import Options, Session
+from mergekit_sd.engine.options import Options
+from mergekit_sd.engine.planner import Planner
+from mergekit_sd.engine.runner import Runner
 from mergekit_sd.recipe.load import load_recipe
 from mergekit_sd.synth.models import write_synth
 
@@ -118,8 +120,8 @@ def test_chain_rounds_once_per_step(tmp_path, model_dir, sdbuild):
         torch.testing.assert_close(t.double(), s3, rtol=2e-6, atol=2e-7, msg=k)
 
 
-def _session(rp: Path, cache: Path) -> Session:
-    return Session(load_recipe(rp), Options(cache_dir=cache, quiet=True))
+def _session(rp: Path, cache: Path) -> Planner:
+    return Planner(load_recipe(rp), Options(cache_dir=cache, quiet=True))
 
 
 def _count_reads(monkeypatch) -> list[int]:
@@ -137,11 +139,11 @@ def _count_reads(monkeypatch) -> list[int]:
 def test_noop_build_reads_no_model_bytes(tmp_path, model_dir, monkeypatch, sdbuild):
     rp = recipe_four(tmp_path, model_dir)
     cache = tmp_path / "cache"
-    first = _session(rp, cache).build()
+    first = Runner(_session(rp, cache)).build()
     assert sorted(first.built) == ["ad", "st", "ts", "ws"]
     hashed = hashing.STATS["files_hashed"]
     reads = _count_reads(monkeypatch)
-    again = _session(rp, cache).build()
+    again = Runner(_session(rp, cache)).build()
     assert again.built == [] and sorted(again.fresh) == ["ad", "st", "ts", "ws"]
     assert hashing.STATS["files_hashed"] == hashed
     assert reads[0] == 0
@@ -156,11 +158,11 @@ def test_mtime_only_change_builds_nothing(tmp_path, model_dir):
     shutil.copytree(model_dir, local)
     rp = recipe_four(tmp_path, local)
     cache = tmp_path / "cache"
-    _session(rp, cache).build()
+    Runner(_session(rp, cache)).build()
     st = os.stat(local / "b.safetensors")
     os.utime(local / "b.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     hashed = hashing.STATS["files_hashed"]
-    again = _session(rp, cache).build()
+    again = Runner(_session(rp, cache)).build()
     assert again.built == []
     assert hashing.STATS["files_hashed"] == hashed + 1  # b was re-hashed, found identical
 
@@ -180,16 +182,16 @@ def test_changed_input_or_parameter_rebuilds_only_dependants(tmp_path, model_dir
         """
     rp = write_recipe(tmp_path, body.replace("ALPHA", "0.3"))
     cache = tmp_path / "cache"
-    assert len(_session(rp, cache).build().built) == 4
+    assert len(Runner(_session(rp, cache)).build().built) == 4
     # a parameter: that step and its dependants only
     write_recipe(tmp_path, body.replace("ALPHA", "0.6"))
     s = _session(rp, cache)
     reasons = {n.name: n.reason for n in s.plan() if n.state == "stale"}
     assert reasons == {"ab": "parameters changed", "top": "input 'ab' will be rebuilt"}
-    assert sorted(s.build().built) == ["ab", "top"]
+    assert sorted(Runner(s).build().built) == ["ab", "top"]
     # an input's content: its dependants only
     write_synth(local / "c.safetensors", "sd1", 32, "fp16", seed=99)
-    rep = _session(rp, cache).build()
+    rep = Runner(_session(rp, cache)).build()
     assert sorted(rep.built) == ["ac", "side", "top"] and rep.fresh == ["ab"]
 
 
@@ -204,11 +206,11 @@ def test_early_cutoff_reuses_identical_tensors(tmp_path, model_dir):
         """
     rp = write_recipe(tmp_path, body.replace("MODE", "keep_a"))
     cache = tmp_path / "cache"
-    _session(rp, cache).build()
+    Runner(_session(rp, cache)).build()
     before = load_file(str(tmp_path / "down.safetensors"))
     write_recipe(tmp_path, body.replace("MODE", "take_b"))  # same tensors (no key is missing), new parameters
     s = _session(rp, cache)
-    s.build()
+    Runner(s).build()
     assert s.states["up"].digest is not None
     after = load_file(str(tmp_path / "down.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -252,7 +254,7 @@ def test_damaged_object_is_rebuilt_not_served(tmp_path, model_dir):
     rp = recipe_four(tmp_path, model_dir)
     cache = tmp_path / "cache"
     s = _session(rp, cache)
-    s.build()
+    Runner(s).build()
     obj = s.store.object_path(s.keys["ws"][0])
     os.chmod(obj, 0o644)
     data = bytearray(obj.read_bytes())
@@ -261,7 +263,7 @@ def test_damaged_object_is_rebuilt_not_served(tmp_path, model_dir):
     s2 = _session(rp, cache)
     plan = {n.name: n for n in s2.plan()}
     assert plan["ws"].state == "stale" and plan["ws"].reason == "object damaged"
-    assert s2.build().built == ["ws"]
+    assert Runner(s2).build().built == ["ws"]
     assert (tmp_path / "out" / "ws.safetensors").read_bytes() != bytes(data)
 
 
@@ -360,7 +362,7 @@ def test_metadata_only_change_reuses_tensors(tmp_path, model_dir):
         """
     rp = write_recipe(tmp_path, body.replace("TITLE", "First"))
     cache = tmp_path / "cache"
-    _session(rp, cache).build()
+    Runner(_session(rp, cache)).build()
     before = load_file(str(tmp_path / "m.safetensors"))
     write_recipe(tmp_path, body.replace("TITLE", "Second"))
     s = _session(rp, cache)
@@ -373,7 +375,7 @@ def test_metadata_only_change_reuses_tensors(tmp_path, model_dir):
 
     object.__setattr__(method, "fn", refuse)
     try:
-        assert s.build().built == ["m"]
+        assert Runner(s).build().built == ["m"]
     finally:
         object.__setattr__(method, "fn", original)
     after = load_file(str(tmp_path / "m.safetensors"))

@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 
 from conftest import write_recipe
 from mergekit_sd.provenance import a1111
-from mergekit_sd.engine import keys as hashing
-from mergekit_sd.engine.session import Options, Session
+from mergekit_sd.engine import memo as hashing
+from mergekit_sd.engine.options import Options
+from mergekit_sd.engine.planner import Planner
+from mergekit_sd.engine.runner import Runner
 from mergekit_sd.engine.lockfile import lock_path, read_lock
 from mergekit_sd.provenance.record import lineage_lines, read_provenance
 from mergekit_sd.recipe.load import load_recipe, parse_recipe
@@ -64,7 +66,7 @@ def built(tmp_path_factory, model_dir) -> Path:
     """The two-step recipe built once over the shared models (tests that only read it share it)."""
     d = tmp_path_factory.mktemp("built")
     rp = two_step(d, model_dir)
-    Session(load_recipe(rp), Options(cache_dir=d / "cache", quiet=True)).build()
+    Runner(Planner(load_recipe(rp), Options(cache_dir=d / "cache", quiet=True))).build()
     return d
 
 
@@ -261,7 +263,7 @@ def _chain_build(tmp_path: Path, gen: int, a: Path, b: Path) -> Path:
         outputs:
           m: g{gen}.safetensors
         """)
-    Session(load_recipe(rp), Options(cache_dir=tmp_path / "cache", quiet=True)).build()
+    Runner(Planner(load_recipe(rp), Options(cache_dir=tmp_path / "cache", quiet=True))).build()
     return d / f"g{gen}.safetensors"
 
 

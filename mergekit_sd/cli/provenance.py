@@ -1,4 +1,4 @@
-"""Subcommands that replay and record provenance: reproduce, recipe, hash, lock, inspect --tree, build --locked.
+"""Subcommands that replay and record provenance: reproduce, recipe, hash, lock.
 
 Argument parsing and printing only; each command calls one library function.
 """
@@ -11,14 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from mergekit_sd.cli import main as cli
+from mergekit_sd.cli.common import add_build_options, add_common, cache_dir, command, options
 
 
-def _cache(args: argparse.Namespace) -> Path:
-    return args.cache_dir or Path(os.environ.get("SDBUILD_CACHE") or "cache")
-
-
-def _parsers(sub) -> None:
+def add_parsers(sub) -> None:
     r = sub.add_parser("reproduce", help="rebuild a model from its embedded recipe and verify it is identical")
     r.add_argument("file", type=Path)
     r.add_argument("--models", type=Path, action="append", default=[], help="folder to find inputs in by digest or sha256 (repeatable)")
@@ -26,31 +22,31 @@ def _parsers(sub) -> None:
     r.add_argument("--keep", type=Path, default=None, help="keep the scratch build in this folder")
     r.add_argument("--device", default="cpu")
     r.add_argument("--json", action="store_true")
-    cli._common(r)
+    add_common(r)
 
     rc = sub.add_parser("recipe", help="recover a runnable recipe from a model's metadata (sdbuild, AUTOMATIC1111, supermerger)")
     rc.add_argument("file", type=Path)
     rc.add_argument("-o", "--output", type=Path, default=None, help="write the recipe here instead of printing it")
     rc.add_argument("--cache-dir", type=Path, default=None, help="cache whose memo database holds file digests")
-    cli._common(rc)
+    add_common(rc)
 
     h = sub.add_parser("hash", help="file sha256, AutoV2, legacy hash and content digest (memoised)")
     h.add_argument("file", type=Path)
     h.add_argument("--cache-dir", type=Path, default=None)
     h.add_argument("--json", action="store_true")
-    cli._common(h)
+    add_common(h)
 
     lk = sub.add_parser("lock", help="build, then write RECIPE.lock with input and output digests")
-    cli._build_opts(lk)
+    add_build_options(lk)
     lk.add_argument("--device", default="cpu")
-    cli._common(lk)
+    add_common(lk)
 
 
-@cli.command("reproduce")
+@command("reproduce")
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mergekit_sd.engine.reproduce import reproduce
 
-    rep = reproduce(args.file, list(args.models), _cache(args), keep=args.keep, device=args.device)
+    rep = reproduce(args.file, list(args.models), cache_dir(args), keep=args.keep, device=args.device)
     if args.json:
         print(json.dumps(rep.as_json(), indent=2, sort_keys=True))
     elif not args.quiet:
@@ -63,11 +59,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-@cli.command("recipe")
+@command("recipe")
 def cmd_recipe(args: argparse.Namespace) -> int:
     from mergekit_sd.engine.reproduce import recipe_for_file
 
-    text = recipe_for_file(args.file, _cache(args))
+    text = recipe_for_file(args.file, cache_dir(args))
     if args.output:
         args.output.write_text(text, encoding="utf-8")
         if not args.quiet:
@@ -77,11 +73,11 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
-@cli.command("hash")
+@command("hash")
 def cmd_hash(args: argparse.Namespace) -> int:
     from mergekit_sd.engine.reproduce import hash_file
 
-    h = hash_file(args.file, _cache(args))
+    h = hash_file(args.file, cache_dir(args))
     if args.json:
         print(json.dumps(h, indent=2, sort_keys=True))
     else:
@@ -90,39 +86,11 @@ def cmd_hash(args: argparse.Namespace) -> int:
     return 0
 
 
-@cli.command("lock")
+@command("lock")
 def cmd_lock(args: argparse.Namespace) -> int:
     from mergekit_sd.engine.lockfile import lock_recipe
 
-    path, lock = lock_recipe(args.recipe, cli._options(args))
+    path, lock = lock_recipe(args.recipe, options(args))
     if not args.quiet:
         print(f"wrote {path} ({len(lock.of_kind('input'))} inputs, {len(lock.of_kind('output'))} outputs)", file=sys.stderr)
     return 0
-
-
-def inspect_tree(args: argparse.Namespace) -> int:
-    from mergekit_sd.engine.reproduce import lineage_tree
-
-    sys.stdout.write(lineage_tree(args.file, as_json=getattr(args, "json", False)))
-    return 0
-
-
-def before_build(session, args: argparse.Namespace) -> None:
-    if getattr(args, "locked", False):
-        from mergekit_sd.engine.lockfile import check_locked_inputs
-
-        check_locked_inputs(session, args.nodes or None)
-
-
-def after_build(session, args: argparse.Namespace, result) -> None:
-    from mergekit_sd.engine.lockfile import lock_drift
-
-    for msg in lock_drift(session, list(result.outputs) or list(session.recipe.outputs)):
-        session.progress.warn(msg)
-        result.warnings.append(msg)
-
-
-cli.EXTRA_PARSERS.append(_parsers)
-cli.HOOKS.setdefault("before_build", []).append(before_build)
-cli.HOOKS.setdefault("after_build", []).append(after_build)
-cli.HOOKS.setdefault("inspect_tree", []).append(inspect_tree)

@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from mergekit_sd.engine.planner import Planner
+from mergekit_sd.engine.runner import Runner
 from mergekit_sd.errors import UserError
+from mergekit_sd.recipe.graph import build_order
+from mergekit_sd.recipe.load import load_recipe
 
 LOCK_VERSION = 1
 KINDS = ("input", "output")
@@ -180,53 +184,48 @@ def entries_from(inputs: Mapping[str, tuple[str | None, str | None]], outputs: M
 # locking a recipe and holding builds to the lock
 
 
-def input_hashes(session, targets: list[str] | None = None) -> dict[str, tuple[str | None, str]]:
+def input_hashes(planner: Planner, targets: list[str] | None = None) -> dict[str, tuple[str | None, str]]:
     """input name -> (file sha256, content digest) for every input the targets need (memoised, no model bytes read)."""
-    from mergekit_sd.recipe.graph import build_order
-
-    return {n: (session.input_facts(n).sha256, session.input_facts(n).digest)
-            for n in build_order(session.recipe, session.graph, targets) if n in session.recipe.inputs}
+    return {n: (planner.input_facts(n).sha256, planner.input_facts(n).digest)
+            for n in build_order(planner.recipe, planner.graph, targets) if n in planner.recipe.inputs}
 
 
-def session_lock(session, targets: list[str] | None = None) -> Lock:
-    """What a session's inputs are now and what its outputs came out as (after `session.build`)."""
-    inputs = input_hashes(session, targets)
-    outputs = {n: session.states[n].digest for n in session.recipe.outputs if n in session.states and session.states[n].digest}
+def planner_lock(planner: Planner, targets: list[str] | None = None) -> Lock:
+    """What a planner's inputs are now and what its outputs came out as (after a build)."""
+    inputs = input_hashes(planner, targets)
+    outputs = {n: planner.states[n].digest for n in planner.recipe.outputs if n in planner.states and planner.states[n].digest}
     return entries_from(inputs, outputs)
 
 
 def lock_recipe(recipe_path: str | os.PathLike, options) -> tuple[Path, Lock]:
     """Build the recipe (cached steps are not redone) and write RECIPE.lock beside it."""
-    from mergekit_sd.engine.session import Session
-    from mergekit_sd.recipe.load import load_recipe
-
     recipe = load_recipe(recipe_path)
-    session = Session(recipe, options)
-    session.build(None)
-    lock = session_lock(session)
+    planner = Planner(recipe, options)
+    Runner(planner).build(None)
+    lock = planner_lock(planner)
     return write_lock(lock_path(recipe.path), lock, recipe.path.name), lock
 
 
-def check_locked_inputs(session, targets: list[str] | None = None) -> None:
+def check_locked_inputs(planner: Planner, targets: list[str] | None = None) -> None:
     """`build --locked`: refuse (exit 2) when any input differs from the lock, naming every one that does."""
-    path = lock_path(session.recipe.path)
+    path = lock_path(planner.recipe.path)
     locked = read_lock(path)
     if locked is None:
-        raise UserError(f"--locked, but there is no lock file {path.name}; run `sdbuild lock {session.recipe.path.name}` first",
-                        session.recipe.path.name)
-    diffs = compare(locked, entries_from(input_hashes(session, targets), {}), "input")
+        raise UserError(f"--locked, but there is no lock file {path.name}; run `sdbuild lock {planner.recipe.path.name}` first",
+                        planner.recipe.path.name)
+    diffs = compare(locked, entries_from(input_hashes(planner, targets), {}), "input")
     if diffs:
         names = ", ".join(repr(d.name) for d in diffs)
         raise UserError(f"input(s) {names} differ from {path.name}: " + "; ".join(d.describe() for d in diffs)
-                        + "; restore them or run `sdbuild lock` to accept the change", session.recipe.path.name)
+                        + "; restore them or run `sdbuild lock` to accept the change", planner.recipe.path.name)
 
 
-def lock_drift(session, outputs: Iterable[str]) -> list[str]:
+def lock_drift(planner: Planner, outputs: Iterable[str]) -> list[str]:
     """After a build: outputs (and inputs) that no longer match RECIPE.lock, as messages; [] without a lock."""
-    locked = read_lock(lock_path(session.recipe.path))
+    locked = read_lock(lock_path(planner.recipe.path))
     if locked is None:
         return []
-    now = session_lock(session, [n for n in outputs if n in session.recipe.outputs] or None)
+    now = planner_lock(planner, [n for n in outputs if n in planner.recipe.outputs] or None)
     diffs = compare(locked, now, "input") + compare(locked, now, "output")
-    name = lock_path(session.recipe.path).name
+    name = lock_path(planner.recipe.path).name
     return [f"{d.describe()} ({name})" for d in diffs]

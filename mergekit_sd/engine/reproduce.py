@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mergekit_sd.errors import UserError, VerifyError
-from mergekit_sd.engine.keys import STATS, StateDB, digest_file, file_identity, remember_digest, sha256_file
+from mergekit_sd.engine.inputs import find_recorded
+from mergekit_sd.engine.keys import sha256_file
+from mergekit_sd.engine.memo import digest_file
+from mergekit_sd.engine.options import Options, model_dirs
+from mergekit_sd.engine.planner import Planner
+from mergekit_sd.engine.progress import Progress
+from mergekit_sd.engine.runner import Runner
+from mergekit_sd.engine.state import StateDB, file_identity
 from mergekit_sd.provenance.record import CONTENT_DIGEST_KEY, SCHEMA_VERSION, read_provenance
-
-MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-def memo_db(cache_dir: str | os.PathLike) -> StateDB:
-    """The cache's memo database (digests by path, size, mtime and inode)."""
-    return StateDB(Path(cache_dir) / "state.db")
-
+from mergekit_sd.recipe.load import parse_recipe
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A model file's `__metadata__` (safetensors only: legacy pickles carry none)."""
@@ -39,67 +39,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     if p.suffix.lower() != ".safetensors":
         raise UserError("only .safetensors files carry metadata", str(p))
     return dict(read_header(p)[1])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# finding inputs
-
-
-@dataclass
-class ModelIndex:
-    """Model files found in folders, by content digest and by file sha256."""
-
-    by_digest: dict[str, Path] = field(default_factory=dict)
-    by_sha256: dict[str, Path] = field(default_factory=dict)
-    hashed: int = 0  # files actually read (not answered from the memo database)
-    scanned: int = 0
-
-
-def model_files(dirs: Iterable[str | os.PathLike]) -> list[Path]:
-    files: list[Path] = []
-    for d in dirs:
-        d = Path(d)
-        if d.is_file():
-            files.append(d)
-        elif d.is_dir():
-            files += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in MODEL_EXTS)
-    return files
-
-
-def find_inputs(wanted: dict[str, dict[str, Any]], dirs: list[Path], db: StateDB) -> tuple[dict[str, Path], ModelIndex]:
-    """Locate each wanted input ({name: {"digest", "sha256", "file"}}) among the files in `dirs`.
-
-    Files named like a recorded input are looked at first; the search stops as soon as everything is found.
-    """
-    index = ModelIndex()
-    files = model_files(dirs)
-    names = {e.get("file") for e in wanted.values() if e.get("file")}
-    files.sort(key=lambda p: (p.name not in names,))
-    found: dict[str, Path] = {}
-
-    def settle() -> None:
-        for n, e in wanted.items():
-            if n in found:
-                continue
-            p = index.by_digest.get(e.get("digest") or "") or index.by_sha256.get(e.get("sha256") or "")
-            if p is not None:
-                found[n] = p
-
-    for f in files:
-        if len(found) == len(wanted):
-            break
-        before = STATS["files_hashed"]
-        try:
-            digest, sha = digest_file(f, db)
-        except UserError:
-            continue  # not a model we can read; others may still match
-        index.hashed += STATS["files_hashed"] - before
-        index.scanned += 1
-        index.by_digest.setdefault(digest, f)
-        if sha:
-            index.by_sha256.setdefault(sha, f)
-        settle()
-    return found, index
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,10 +67,6 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
               device: str = "cpu") -> ReproduceReport:
     """Rebuild `path` from its embedded recipe and verify it; raises UserError for missing inputs (exit 2) and
     VerifyError when the rebuilt model differs (exit 1, naming the first differing tensors)."""
-    from mergekit_sd.engine.session import Options, Session
-    from mergekit_sd.engine.progress import Progress
-    from mergekit_sd.recipe.load import parse_recipe
-
     path = Path(path)
     meta = read_metadata(path)
     prov = read_provenance(meta)
@@ -145,9 +80,9 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
     inputs = recipe.get("inputs") or {}
     if not node or not isinstance(inputs, dict):
         raise UserError("provenance names no node or inputs", str(path))
-    db = memo_db(cache_dir)
-    dirs = list(models) + [Path(p) for p in os.environ.get("SDBUILD_MODELS", "").split(os.pathsep) if p]
-    found, index = find_inputs(inputs, dirs, db)
+    db = StateDB(cache_dir)
+    dirs = model_dirs(list(models))
+    found, index = find_recorded(inputs, dirs, db)
     missing = [n for n in inputs if n not in found]
     if missing:
         parts = []
@@ -182,16 +117,16 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
         rec = parse_recipe(text, rpath)
         opts = Options(cache_dir=scratch / "cache", out_dir=scratch / "out", models=[], device=device, quiet=True,
                        progress=Progress(True))
-        session = Session(rec, opts)
+        planner = Planner(rec, opts)
         for n, p in found.items():  # the memo rows travel with the files: the rebuild reads no input twice for hashing
             real = p.resolve()
-            rows = db.execute("SELECT digest, sha256 FROM file_digest WHERE path=?", (str(real),))
-            if rows:
-                remember_digest(session.store.db, real, file_identity(real), rows[0][0], rows[0][1])
-        session.build([node])
-        key = session.keys[node][0]
-        obj = session.store.object_path(key)
-        rebuilt = session.states[node].digest or ""
+            memo = db.memo(real)
+            if memo is not None:
+                planner.store.db.remember(real, file_identity(real), memo[1], memo[2])
+        Runner(planner).build([node])
+        key = planner.keys[node][0]
+        obj = planner.store.object_path(key)
+        rebuilt = planner.states[node].digest or ""
         file_digest, file_sha = digest_file(path, db)
         recorded = meta.get(CONTENT_DIGEST_KEY)
         identical = rebuilt == file_digest and (recorded is None or recorded == rebuilt)
@@ -260,7 +195,7 @@ def recipe_for_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> st
 
     p = Path(path)
     meta = read_metadata(p)
-    actual = digest_file(p, memo_db(cache_dir), want_sha256=False)[0] if CONTENT_DIGEST_KEY in meta else None
+    actual = digest_file(p, StateDB(cache_dir), want_sha256=False)[0] if CONTENT_DIGEST_KEY in meta else None
     try:
         return recover_recipe(meta, p.name, actual)
     except ValueError as e:
@@ -278,7 +213,7 @@ def hash_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str
     p = Path(path)
     if not p.is_file():
         raise UserError("model file not found", str(p))
-    digest, sha = digest_file(p, memo_db(cache_dir))
+    digest, sha = digest_file(p, StateDB(cache_dir))
     assert sha is not None
     return {"file": p.name, "sha256": sha, "autov2": autov2(sha), "legacy_hash": legacy_hash(p), "content_digest": digest}
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from pathlib import Path
 from typing import Any, Iterable
 
 from mergekit_sd import TOOL
+from mergekit_sd.engine.state import StateDB
 
-TABLE = "CREATE TABLE IF NOT EXISTS stamp (key TEXT PRIMARY KEY, files TEXT, report TEXT)"
 
 
 def stamp_key(recipe: str | os.PathLike, options: dict[str, Any]) -> str:
@@ -32,45 +31,26 @@ def _ident(p: str) -> list[int] | None:
 
 def check(cache_dir: str | os.PathLike, key: str) -> dict | None:
     """The stored report when nothing recorded has changed, else None."""
-    db = Path(cache_dir) / "state.db"
-    if not db.exists():
-        return None
     try:
-        con = sqlite3.connect(db, timeout=5)
-        try:
-            rows = con.execute("SELECT files, report FROM stamp WHERE key=?", (key,)).fetchall()
-        finally:
-            con.close()
+        db = StateDB.existing(cache_dir)
+        found = db.stamp(key) if db is not None else None
     except sqlite3.Error:
         return None
-    if not rows:
+    if found is None:
         return None
-    files = json.loads(rows[0][0])
+    files, report = found
     for path, ident in files:
         if _ident(path) != ident:
             return None
-    return json.loads(rows[0][1])
+    return report
 
 
 def record(cache_dir: str | os.PathLike, key: str, paths: Iterable[str | os.PathLike], report: dict) -> None:
-    db = Path(cache_dir) / "state.db"
     files = [[os.path.abspath(p), _ident(os.path.abspath(p))] for p in sorted({str(p) for p in paths})]
-    con = sqlite3.connect(db, timeout=60)
-    try:
-        con.execute(TABLE)
-        con.execute("INSERT OR REPLACE INTO stamp VALUES (?,?,?)", (key, json.dumps(files), json.dumps(report)))
-        con.commit()
-    finally:
-        con.close()
+    StateDB(cache_dir).put_stamp(key, files, report)
 
 
 def forget(cache_dir: str | os.PathLike) -> None:
-    db = Path(cache_dir) / "state.db"
-    if db.exists():
-        con = sqlite3.connect(db, timeout=60)
-        try:
-            con.execute(TABLE)
-            con.execute("DELETE FROM stamp")
-            con.commit()
-        finally:
-            con.close()
+    db = StateDB.existing(cache_dir)
+    if db is not None:
+        db.clear_stamps()

@@ -15,7 +15,9 @@ from typing import Callable, Iterator
 
 from filelock import FileLock
 
-from mergekit_sd.engine.keys import StateDB, digest_file, file_identity, remember_digest
+from mergekit_sd.engine.memo import digest_file
+from mergekit_sd.engine.state import StateDB, file_identity
+from mergekit_sd.errors import SdbuildError
 from mergekit_sd.formats.safetensors import WriteResult
 
 
@@ -24,14 +26,13 @@ class Store:
         self.root = Path(root).resolve()
         for sub in ("objects", "tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.db = StateDB(self.root / "state.db")
+        self.db = StateDB(self.root)
 
     def object_path(self, key: str) -> Path:
         return self.root / "objects" / key[:2] / f"{key}.safetensors"
 
     def record(self, key: str) -> tuple[str, str, int] | None:
-        rows = self.db.execute("SELECT compute_key, digest, size FROM object WHERE key=?", (key,))
-        return tuple(rows[0]) if rows else None
+        return self.db.object(key)
 
     def status(self, key: str) -> tuple[str | None, str]:
         """(content digest or None, why): an object is served only if it is present and undamaged.
@@ -48,7 +49,7 @@ class Store:
             if file_identity(path)[0] != size:
                 return None, "object damaged"
             actual, _ = digest_file(path, self.db, want_sha256=False)
-        except Exception:
+        except (OSError, SdbuildError):
             return None, "object damaged"
         if actual != digest:
             return None, "object damaged"
@@ -56,7 +57,7 @@ class Store:
 
     def find_compute(self, compute_key: str) -> str | None:
         """An existing object with the same tensors (only metadata differs), if any is intact."""
-        for (key,) in self.db.execute("SELECT key FROM object WHERE compute_key=?", (compute_key,)):
+        for key in self.db.objects_with_compute(compute_key):
             if self.status(key)[0] is not None:
                 return key
         return None
@@ -79,8 +80,8 @@ class Store:
         finally:
             if tmp.exists():
                 tmp.unlink()
-        remember_digest(self.db, final, file_identity(final), result.content_digest, None)
-        self.db.execute("INSERT OR REPLACE INTO object VALUES (?,?,?,?)", (key, compute_key, result.content_digest, result.size))
+        self.db.remember(final, file_identity(final), result.content_digest, None)
+        self.db.put_object(key, compute_key, result.content_digest, result.size)
         return result
 
     def clean_tmp(self) -> int:
@@ -104,7 +105,7 @@ class Store:
         path = self.object_path(key)
         if path.exists():
             path.unlink()
-        self.db.execute("DELETE FROM object WHERE key=?", (key,))
+        self.db.forget_object(key)
 
 
 def collect_garbage(store: "Store", keep: set[str]) -> tuple[int, int]:
@@ -121,13 +122,11 @@ def collect_garbage(store: "Store", keep: set[str]) -> tuple[int, int]:
         freed += size
     store.clean_tmp()
     known = {p.name[: -len(".safetensors")] for p in (store.root / "objects").glob("*/*.safetensors")}
-    for (key,) in store.db.execute("SELECT key FROM object"):
+    for key in store.db.object_keys():
         if key not in known:
-            store.db.execute("DELETE FROM object WHERE key=?", (key,))
-    store.db.execute("DELETE FROM history WHERE key NOT IN (SELECT key FROM object)")
-    for (path,) in store.db.execute("SELECT path FROM file_digest"):
-        if not os.path.exists(path):
-            store.db.execute("DELETE FROM file_digest WHERE path=?", (path,))
+            store.db.forget_object(key)
+    store.db.forget_orphan_history()
+    store.db.forget_missing_files()
     return removed, freed
 
 

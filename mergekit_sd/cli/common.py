@@ -1,0 +1,46 @@
+"""What every command group shares: the command registry and the common options.
+
+Imports no torch: `sdbuild build` answers a no-op build from stamps before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from mergekit_sd.engine.options import Options, default_cache_dir
+from mergekit_sd.engine.progress import Progress
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable:
+    """Register `fn(args) -> exit code` as the handler of subcommand `name`."""
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress or warnings")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def add_build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--cache-dir", type=Path, default=None, help="cache store (default: $SDBUILD_CACHE or ./cache)")
+    p.add_argument("--models", type=Path, action="append", default=[], help="folder to find inputs in by name or sha256 (repeatable)")
+    p.add_argument("--out-dir", type=Path, default=None, help="write outputs here instead of beside the recipe")
+    p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+
+
+def cache_dir(args: argparse.Namespace) -> Path:
+    return getattr(args, "cache_dir", None) or default_cache_dir()
+
+
+def options(args: argparse.Namespace) -> Options:
+    return Options(cache_dir=cache_dir(args), out_dir=getattr(args, "out_dir", None), models=list(getattr(args, "models", [])),
+                   device=getattr(args, "device", "cpu"), quiet=args.quiet, progress=Progress(args.quiet))

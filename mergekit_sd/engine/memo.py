@@ -1,0 +1,36 @@
+"""Input digests memoised in the state database.
+
+An input's digest covers its tensors only (names, dtypes, shapes, bytes), so retitling a file does not invalidate
+builds. Digests are memoised by (path, size, mtime_ns, inode): a no-op build stats files and reads no model bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mergekit_sd.engine.state import StateDB, file_identity
+from mergekit_sd.errors import UserError
+from mergekit_sd.formats.open import content_digest_and_sha256
+
+# counters tests use to prove that a no-op build reads no model bytes
+STATS = {"files_hashed": 0, "bytes_hashed": 0}
+
+
+def digest_file(path: str | os.PathLike, db: StateDB | None, want_sha256: bool = True) -> tuple[str, str | None]:
+    """(content digest, file sha256) of a model file, memoised by (path, size, mtime_ns, inode)."""
+    p = Path(path).resolve()
+    try:
+        ident = file_identity(p)
+    except OSError as e:
+        raise UserError(f"cannot read model file: {e.strerror}", str(path)) from None
+    if db is not None:
+        memo = db.memo(p)
+        if memo is not None and memo[0] == ident and (memo[2] or not want_sha256):
+            return memo[1], memo[2]
+    digest, sha = content_digest_and_sha256(p, want_sha256)
+    STATS["files_hashed"] += 1
+    STATS["bytes_hashed"] += ident[0]
+    if db is not None:
+        db.remember(p, ident, digest, sha)
+    return digest, sha

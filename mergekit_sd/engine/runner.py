@@ -1,0 +1,223 @@
+"""Runs a planned build: stale steps are streamed tensor by tensor into the store, then outputs are materialised
+atomically. Ops report back through a typed record (`ModelInfo`): their provenance facts, and log lines the user
+sees as warnings and provenance keeps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_sd.arch.detect import detect, model_kind
+from mergekit_sd.engine.keys import canonical
+from mergekit_sd.engine.memo import digest_file
+from mergekit_sd.engine.planner import NodeState, Planner
+from mergekit_sd.engine.store import materialise
+from mergekit_sd.errors import SdbuildError, StepError, UserError
+from mergekit_sd.formats.open import open_model
+from mergekit_sd.formats.safetensors import SafetensorsFile, read_header, write_model
+from mergekit_sd.lazy import LazyModel
+from mergekit_sd.ops import OpContext, get_op
+from mergekit_sd.provenance.a1111 import legacy_hash
+from mergekit_sd.provenance.record import NodeFacts, build_metadata, read_provenance
+from mergekit_sd.recipe.graph import build_order
+
+
+@dataclass
+class BuildReport:
+    built: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"built": self.built, "fresh": self.fresh, "outputs": self.outputs}
+
+
+
+def annotate(model: LazyModel) -> LazyModel:
+    """Attach the detected architecture (what merge and LoRA ops check inputs against)."""
+    if "arch" not in model.info:
+        arch = detect(model.specs)
+        model.info["arch"] = arch
+        model.info["architecture"] = getattr(arch, "modelspec", None) or getattr(arch, "architecture", None)
+    return model
+
+
+class Runner:
+    """Builds what a planner found stale; one runner per build."""
+
+    def __init__(self, planner: Planner):
+        self.planner = planner
+        self.recipe = planner.recipe
+        self.store = planner.store
+        self.progress = planner.progress
+        self.graph = planner.graph
+        self.facts = planner.facts
+        self.states = planner.states
+        self.keys = planner.keys
+        self.device = _device(planner.options.device)
+        if self.device.type == "cpu" and (os.cpu_count() or 1) > 1:
+            # the writer thread hashes and writes while this thread computes: leave it a core
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+    def input_path(self, name: str) -> Path:
+        return self.planner.input_path(name)
+
+    def input_facts(self, name: str) -> NodeFacts:
+        return self.planner.input_facts(name)
+
+    def open_node(self, name: str) -> LazyModel:
+        if name in self.recipe.inputs:
+            m = open_model(self.input_path(name))
+            m.label = self.input_path(name).name
+        else:
+            key = self.keys[name][0]
+            m = SafetensorsFile(self.store.object_path(key)).lazy()
+            m.label = f"step {name!r}"
+        return annotate(m)
+
+    def build(self, targets: list[str] | None = None) -> BuildReport:
+        report = BuildReport()
+        self.store.clean_tmp()
+        order = build_order(self.recipe, self.graph, targets)
+        steps = [n for n in order if n in self.recipe.steps]
+        for i, name in enumerate(order):
+            st = self.planner.plan_node(name)
+            if st.state == "input":
+                continue
+            if st.state == "fresh":
+                report.fresh.append(name)
+                self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: fresh")
+                continue
+            key, ck = self.keys[name]
+            with self.store.lock(key):
+                digest, _ = self.store.status(key)
+                if digest is None:
+                    self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: building ({st.reason})")
+                    digest = self._run_step(name, key, ck, report)
+                    report.built.append(name)
+                else:
+                    report.fresh.append(name)
+            self.states[name] = NodeState(name, st.op, key, "fresh", "built", digest)
+            step = self.recipe.steps[name]
+            self.store.db.record_build(str(self.recipe.path), name, key, ck, canonical(step.params),
+                                       canonical([self.states[r].digest for r in step.refs]))
+        self._materialise(order, report)
+        return report
+
+    def _step_facts(self, name: str) -> NodeFacts:
+        """Facts of an already built step, read from its object (used when a descendant records provenance)."""
+        if name not in self.facts:
+            key = self.keys[name][0]
+            path = self.store.object_path(key)
+            _, meta = read_header(path)
+            digest, sha = digest_file(path, self.store.db)
+            step = self.recipe.steps[name]
+            op = get_op(step.op)
+            prov = read_provenance(meta) or {}
+            self.facts[name] = NodeFacts(name=name, kind="step", digest=digest, sha256=sha, file=f"{name}.safetensors",
+                                         op=op.name, version=op.version, params=dict(step.params), refs=step.refs,
+                                         compute_key=self.keys[name][1], log=list(prov.get("log", {}).get(name, [])),
+                                         facts=dict(prov.get("facts", {}).get(name, {})), metadata=meta,
+                                         legacy_hash=legacy_hash(path))
+        return self.facts[name]
+
+    def _run_step(self, name: str, key: str, ck: str, report: BuildReport) -> str:
+        step = self.recipe.steps[name]
+        op = get_op(step.op)
+        where = self.recipe.where("steps", name)
+        reuse = self.store.find_compute(ck)
+        inputs = [self.open_node(r) for r in step.refs]
+        kinds = op.kinds(dict(step.params))
+        for r, m, want in zip(step.refs, inputs, kinds):
+            _check_kind(r, m, want, name, where)
+        ctx = OpContext(step=name, device=self.device, input_names=list(step.refs), input_labels=[m.label for m in inputs])
+        try:
+            model = op.build(inputs, dict(step.params), ctx)
+        except UserError as e:
+            raise UserError(str(e) if e.where else f"{where}: {e}") from None
+        log, facts = list(ctx.log), dict(model.info.get("provenance") or {})
+        if reuse is not None:
+            model = _restamp_source(self.store.object_path(reuse), model)
+        for line in log:
+            self.progress.warn(f"{name}: {line}")
+            report.warnings.append(f"{name}: {line}")
+        sub = build_order(self.recipe, self.graph, [name])
+        nodes: list[NodeFacts] = []
+        for n in sub:
+            if n == name:
+                nodes.append(NodeFacts(name=name, kind="step", digest="", op=op.name, version=op.version,
+                                       params=dict(step.params), refs=step.refs, compute_key=ck, log=log, facts=facts))
+            elif n in self.recipe.inputs:
+                f = self.input_facts(n)
+                if not f.metadata:
+                    f.metadata = read_header(self.input_path(n))[1] if self.input_path(n).suffix == ".safetensors" else {}
+                    f.legacy_hash = legacy_hash(self.input_path(n))
+                nodes.append(f)
+            else:
+                nodes.append(self._step_facts(n))
+        arch = model.info.get("architecture") or (inputs[0].info.get("architecture") if inputs else None)
+        extra = dict(model.metadata) if op.output_kind == "lora" else None
+        metadata = build_metadata(self.recipe, name, nodes, arch, op.output_kind, extra)
+        total = len(model)
+        counter = [0]
+
+        def on_tensor(tname: str) -> None:
+            counter[0] += 1
+            self.progress.tensor(name, counter[0], total, tname)
+
+        try:
+            result = self.store.put(key, ck, lambda tmp: write_model(tmp, model, metadata, on_tensor=on_tensor))
+        except SdbuildError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as e:
+            raise StepError(f"step {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        return result.content_digest
+
+    def _materialise(self, order: list[str], report: BuildReport) -> None:
+        base = self.planner.out_dir()
+        base.mkdir(parents=True, exist_ok=True)
+        real_base = os.path.realpath(base)
+        for node, rels in self.recipe.outputs.items():
+            if node not in order:
+                continue
+            src = self.input_path(node) if node in self.recipe.inputs else self.store.object_path(self.keys[node][0])
+            for rel in rels:
+                target = base / rel
+                real = os.path.realpath(target)
+                if os.path.commonpath([real_base, real]) != real_base:
+                    raise UserError(f"output {rel!r} resolves outside {base} (through a link); refusing to write there",
+                                    self.recipe.where("outputs", node))
+                materialise(Path(src), target)
+                report.outputs[node] = str(target)
+                self.progress.line(f"wrote {target}")
+
+
+
+def _restamp_source(obj: Path, fresh: LazyModel) -> LazyModel:
+    """Serve tensors from an existing object with the same compute key (only metadata changed)."""
+    cached = SafetensorsFile(obj).lazy()
+    return LazyModel(cached.specs, cached.get, fresh.metadata, fresh.label, fresh.info)
+
+
+def _check_kind(ref: str, model: LazyModel, want: str, step: str, where: str) -> None:
+    if want == "any":
+        return
+    got = model_kind(model.specs)
+    if got != want and not (want == "checkpoint" and got == "unknown"):
+        looks = "an unrecognised file" if got == "unknown" else f"a {got}"
+        raise UserError(f"step {step!r} needs a {want} for {ref!r}, but {model.label} looks like {looks}", where)
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None

@@ -1,0 +1,137 @@
+"""The cache's state database: every table and every SQL statement sdbuild runs live here.
+
+Tables: `file_digest` (content digest and sha256 memoised by path, size, mtime_ns and inode), `object` (what each
+stored object holds), `history` (what each recipe node was last built from, for "why is it stale"), and `stamp`
+(the no-op fast path). This module imports no torch: the no-op path reads stamps through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS file_digest (
+  path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER,
+  digest TEXT, sha256 TEXT
+);
+CREATE INDEX IF NOT EXISTS file_digest_digest ON file_digest(digest);
+CREATE INDEX IF NOT EXISTS file_digest_sha ON file_digest(sha256);
+CREATE TABLE IF NOT EXISTS object (
+  key TEXT PRIMARY KEY, compute_key TEXT, digest TEXT, size INTEGER
+);
+CREATE INDEX IF NOT EXISTS object_compute ON object(compute_key);
+CREATE TABLE IF NOT EXISTS history (
+  recipe TEXT, node TEXT, key TEXT, compute_key TEXT, params TEXT, inputs TEXT,
+  PRIMARY KEY (recipe, node)
+);
+CREATE TABLE IF NOT EXISTS stamp (key TEXT PRIMARY KEY, files TEXT, report TEXT);
+"""
+
+DB_NAME = "state.db"
+Identity = tuple[int, int, int]  # (size, mtime_ns, inode)
+
+
+def file_identity(path: str | os.PathLike) -> Identity:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+class StateDB:
+    """One sqlite database per cache folder; a connection per thread, WAL so concurrent builds can share it."""
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.path = Path(cache_dir) / DB_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._sql().executescript(SCHEMA)
+
+    @classmethod
+    def existing(cls, cache_dir: str | os.PathLike) -> "StateDB | None":
+        """The database if the cache already has one (read-only callers must not create a cache)."""
+        return cls(cache_dir) if (Path(cache_dir) / DB_NAME).exists() else None
+
+    def _sql(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = c
+        return c
+
+    def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[tuple]:
+        return self._sql().execute(sql, tuple(args)).fetchall()
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+
+    # -- memoised file digests ---------------------------------------------------------------------------------------
+
+    def memo(self, path: Path) -> tuple[Identity, str, str | None] | None:
+        """(identity, content digest, sha256 or None) last recorded for `path`."""
+        rows = self._rows("SELECT size, mtime_ns, inode, digest, sha256 FROM file_digest WHERE path=?", (str(path),))
+        return (tuple(rows[0][:3]), rows[0][3], rows[0][4]) if rows else None  # type: ignore[return-value]
+
+    def remember(self, path: Path, ident: Identity, digest: str, sha256: str | None) -> None:
+        self._rows("INSERT OR REPLACE INTO file_digest VALUES (?,?,?,?,?,?)", (str(path), *ident, digest, sha256))
+
+    def forget_missing_files(self) -> None:
+        for (path,) in self._rows("SELECT path FROM file_digest"):
+            if not os.path.exists(path):
+                self._rows("DELETE FROM file_digest WHERE path=?", (path,))
+
+    # -- objects -------------------------------------------------------------------------------------------------------
+
+    def object(self, key: str) -> tuple[str, str, int] | None:
+        """(compute key, content digest, size) of a stored object."""
+        rows = self._rows("SELECT compute_key, digest, size FROM object WHERE key=?", (key,))
+        return tuple(rows[0]) if rows else None  # type: ignore[return-value]
+
+    def put_object(self, key: str, compute_key: str, digest: str, size: int) -> None:
+        self._rows("INSERT OR REPLACE INTO object VALUES (?,?,?,?)", (key, compute_key, digest, size))
+
+    def objects_with_compute(self, compute_key: str) -> list[str]:
+        return [k for (k,) in self._rows("SELECT key FROM object WHERE compute_key=?", (compute_key,))]
+
+    def object_keys(self) -> list[str]:
+        return [k for (k,) in self._rows("SELECT key FROM object")]
+
+    def forget_object(self, key: str) -> None:
+        self._rows("DELETE FROM object WHERE key=?", (key,))
+
+    # -- build history ---------------------------------------------------------------------------------------------------
+
+    def last_build(self, recipe: str, node: str) -> tuple[str, str, str, list[str] | None] | None:
+        """(object key, compute key, canonical params, input digests) of the node's last build."""
+        rows = self._rows("SELECT key, compute_key, params, inputs FROM history WHERE recipe=? AND node=?", (recipe, node))
+        if not rows:
+            return None
+        key, ck, params, inputs = rows[0]
+        return key, ck, params, json.loads(inputs) if inputs else None
+
+    def record_build(self, recipe: str, node: str, key: str, compute_key: str, params: str, inputs: str) -> None:
+        self._rows("INSERT OR REPLACE INTO history VALUES (?,?,?,?,?,?)", (recipe, node, key, compute_key, params, inputs))
+
+    def forget_orphan_history(self) -> None:
+        self._rows("DELETE FROM history WHERE key NOT IN (SELECT key FROM object)")
+
+    # -- no-op stamps ----------------------------------------------------------------------------------------------------
+
+    def stamp(self, key: str) -> tuple[list, dict] | None:
+        """(files with their identities, report) stamped for an invocation."""
+        rows = self._rows("SELECT files, report FROM stamp WHERE key=?", (key,))
+        return (json.loads(rows[0][0]), json.loads(rows[0][1])) if rows else None
+
+    def put_stamp(self, key: str, files: list, report: dict) -> None:
+        self._rows("INSERT OR REPLACE INTO stamp VALUES (?,?,?)", (key, json.dumps(files), json.dumps(report)))
+
+    def clear_stamps(self) -> None:
+        self._rows("DELETE FROM stamp")

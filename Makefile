@@ -22,6 +22,7 @@ demo: install
 	$(VENV)/bin/sdbuild inspect recipes/out/demo-mix.safetensors
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -p no:cacheprovider -n auto tests
 
 bench: install

@@ -90,7 +90,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
     arch = cls.arch
     report: dict[str, Any] = {
         "file": p.name,
-        "format": "ckpt" if model.info.get("format") == "ckpt" else "safetensors",
+        "format": model.info.format,
         "file_bytes": p.stat().st_size,
         "architecture": arch.name,
         "kind": _kind(arch.name, specs),
@@ -182,7 +182,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
     else:
         report["non_finite"] = None
 
-    prov_in = model.info.get("provenance") or {}
+    prov_in = model.info.provenance
     if prov_in.get("training_state_dropped"):
         report["training_state"] = prov_in["training_state_dropped"]
     if prov_in.get("renamed"):

@@ -6,8 +6,8 @@ executor can stream any chain of ops tensor by tensor without holding a model in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -37,6 +37,21 @@ def is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
+@dataclass
+class ModelInfo:
+    """What a lazy model reports besides its tensors: the engine reads it, ops hand parts of it downstream."""
+
+    arch: Any = None  # the detected architecture (arch.detect.ArchInfo), set when the engine opens a node
+    architecture: str | None = None  # its ModelSpec id, written into outputs
+    format: str = "safetensors"  # the container the tensors were read from
+    provenance: dict[str, Any] = field(default_factory=dict)  # JSON-able facts recorded in the step's provenance
+    log: list[str] = field(default_factory=list)  # lines the user sees as warnings; kept in the step's provenance
+
+    def derive(self, **changes: Any) -> "ModelInfo":
+        """The info of an op's output: keeps what describes the model, starts a fresh record of the step."""
+        return replace(self, **{"provenance": {}, "log": [], **changes})
+
+
 class LazyModel:
     """Tensor name -> (spec, producer). `get` returns a contiguous CPU tensor of exactly the declared spec."""
 
@@ -46,14 +61,13 @@ class LazyModel:
         producer: Callable[[str], torch.Tensor],
         metadata: Mapping[str, str] | None = None,
         label: str = "",
-        info: Mapping | None = None,
+        info: ModelInfo | None = None,
     ):
         self._specs = dict(specs)
         self._producer = producer
         self.metadata: dict[str, str] = dict(metadata or {})
         self.label = label
-        # free-form facts ops want to pass downstream (architecture, logs for provenance, ...)
-        self.info: dict = dict(info or {})
+        self.info = info if info is not None else ModelInfo()
 
     def keys(self) -> list[str]:
         return sorted(self._specs)
@@ -85,8 +99,3 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     """A lazy view of tensors already in memory (tests, small LoRAs)."""
     specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
     return LazyModel(specs, lambda k: tensors[k].contiguous(), metadata, label)
-
-
-def subset(model: LazyModel, names: Iterable[str]) -> LazyModel:
-    keep = set(names)
-    return LazyModel({k: s for k, s in model.specs.items() if k in keep}, model.get, model.metadata, model.label, model.info)

@@ -72,7 +72,7 @@ def test_lightning_checkpoint_unwrapped_and_training_state_dropped(tmp_path, sdb
     assert sorted(m.keys()) == sorted(t)
     for k in t:
         assert torch.equal(m.get(k), t[k])
-    assert m.info["provenance"]["training_state_dropped"] == sorted(extra)
+    assert m.info.provenance["training_state_dropped"] == sorted(extra)
     rec = write_recipe(tmp_path, f"sdbuild: 1\ninputs: {{m: {p}}}\nsteps: {{p: {{op: prune, model: m}}}}\noutputs: {{p: p.safetensors}}\n")
     r = sdbuild("build", rec, "-q")
     assert r.code == 0, r
@@ -99,7 +99,7 @@ def test_lightning_callback_objects_load_inert(tmp_path, monkeypatch):
     for n in names:
         monkeypatch.delitem(sys.modules, n)
     m = open_ckpt(p)
-    assert m.keys() == ["a"] and m.info["provenance"]["training_state_dropped"] == ["callbacks"]
+    assert m.keys() == ["a"] and m.info.provenance["training_state_dropped"] == ["callbacks"]
     assert "pytorch_lightning" not in sys.modules
 
 
@@ -111,8 +111,8 @@ def test_bare_state_dict_and_nai_alias_rename(tmp_path):
     p = write_synth_ckpt(tmp_path / "nai.ckpt", nai, wrap=False, extra={"global_step": 5})
     m = open_model(p)
     assert sorted(m.keys()) == sorted(t)
-    assert m.info["provenance"]["renamed"] == 197
-    assert m.info["provenance"]["training_state_dropped"] == ["global_step"]
+    assert m.info.provenance["renamed"] == 197
+    assert m.info.provenance["training_state_dropped"] == ["global_step"]
     k = pre + "encoder.layers.0.mlp.fc1.weight"
     assert torch.equal(m.get(k), t[k])
 

@@ -57,7 +57,7 @@ def test_convert_casts_floats_only_and_exactly(tmp_path):
     assert out.spec(pos).dtype == torch.int64 and torch.equal(out.get(pos), t[pos])
     assert torch.equal(out.get(HOT), t[HOT].to(torch.bfloat16))
     floats = sum(1 for v in t.values() if v.dtype.is_floating_point)
-    facts = out.info["provenance"]["convert"]
+    facts = out.info.provenance["convert"]
     assert facts["tensors_cast"] == floats == 1130
     assert facts["bytes_before"] == sum(v.numel() * v.element_size() for v in t.values())
     assert facts["bytes_after"] == sum(v.numel() * (2 if v.dtype.is_floating_point else v.element_size()) for v in t.values())

@@ -476,7 +476,7 @@ def test_reads_each_weight_and_lora_tensor_once_and_records_provenance(tmp_path,
         out.get(k)
     assert all(n == 1 for (tag, _), n in reads.items()), [k for k, n in reads.items() if n > 1][:3]
     assert {k for t, k in reads if t == "m"} == set(model.keys()) and {k for t, k in reads if t == "l"} == set(lora.keys())
-    prov = out.info["provenance"]
+    prov = out.info.provenance
     assert prov["loras"][0]["modules"] == 350 and prov["loras"][0]["algorithms"] == {"LoCon": 96, "LoRA": 254}
     assert prov["loras"][0]["title"] == "synth-locon" and prov["loras"][0]["declared_architecture"] == "sd1"
     # through the CLI the same facts land in the output's metadata

@@ -469,7 +469,7 @@ def test_generic_state_dict_merges_with_scalars_only():
     a, b = {"layer.weight": rand(3, 3)}, {"layer.weight": rand(3, 3)}
     out = merge_models("weighted_sum", [from_tensors(a), from_tensors(b)], alpha=0.5)
     close(out.get("layer.weight"), (a["layer.weight"].double() + b["layer.weight"].double()).numpy() / 2)
-    assert "block_rule" not in out.info["provenance"]
+    assert "block_rule" not in out.info.provenance
     with pytest.raises(UserError, match="block weights for 'alpha' need a known architecture.*m0 is unknown"):
         merge_models("weighted_sum", [from_tensors(a, label="m0"), from_tensors(b)], alpha={"default": 0.5, "IN00": 0.1})
     # key substrings still work on unknown architectures
@@ -488,7 +488,7 @@ def test_block_weights_through_the_kernel(sd1_pair):
     from mergekit_sd.arch.weights import normalize_weight
 
     out = merge_models("weighted_sum", [from_tensors(ta), from_tensors(tb)], alpha=normalize_weight(s, "alpha"))
-    assert out.info["provenance"]["block_rule"] == "supermerger-2025"
+    assert out.info.provenance["block_rule"] == "supermerger-2025"
     k1 = UNET + "output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"
     k2 = "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight"
     k3 = UNET + "input_blocks.7.1.proj_in.weight"
@@ -510,7 +510,7 @@ def test_elemental_include_exclude_rule_through_the_kernel(sd1_pair):
     assert torch.equal(out.get(other), tb[other]) and torch.equal(out.get(attn), ta[attn])
     k_in = UNET + "input_blocks.1.0.in_layers.2.weight"
     assert torch.equal(out.get(k_in), ta[k_in])
-    assert out.info["provenance"]["not_merged"] > 0
+    assert out.info.provenance["not_merged"] > 0
     with pytest.raises(UserError, match="elemental sets alpha, but model_stock has no alpha"):
         merge_models("model_stock", models + [from_tensors(ta)], elemental=["OUT06:attn2:1.0"])
     with pytest.raises(UserError, match="no SDXL block map"):
@@ -525,7 +525,7 @@ def test_supermerger_2023_keeps_sdxl_embeddings():
         assert torch.equal(out.get(k), xa[k])
     k = UNET + "middle_block.1.proj_in.weight"
     close(out.get(k), (xa[k].double() + xb[k].double()).numpy() / 2, 1e-6)
-    assert out.info["provenance"]["block_rule"] == "supermerger-2023"
+    assert out.info.provenance["block_rule"] == "supermerger-2023"
 
 
 def test_weight_checks_run_per_tensor(sd1_pair):

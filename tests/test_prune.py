@@ -143,7 +143,7 @@ def test_use_ema_promotes_ema_weights(tmp_path):
         assert len(unet) == 686 and len(out) == 1131
         for k in unet:
             assert raw(out.get(k)) == raw(t[ema_key(k)])
-        assert out.info["provenance"]["prune"]["ema_promoted"] == 686
+        assert out.info.provenance["prune"]["ema_promoted"] == 686
 
 
 def test_use_ema_without_ema_is_a_user_error(tmp_path, sdbuild):
@@ -161,7 +161,7 @@ def test_components_keep_list_and_drop_list(tmp_path):
     drop = build_prune([m], {"drop_components": ["text_encoder_2"]}, OpContext(step="p"))
     gone = sorted(set(t) - set(drop.keys()))
     assert len(gone) == 390 and all(k.startswith("conditioner.embedders.1.") for k in gone)
-    removed = drop.info["provenance"]["prune"]["removed"]["component:text_encoder_2"]
+    removed = drop.info.provenance["prune"]["removed"]["component:text_encoder_2"]
     assert removed == {"tensors": 390, "bytes": sum(t[k].numel() * 2 for k in gone)}
 
 
@@ -173,7 +173,7 @@ def test_leftovers_aliases_scheduler_and_unknown(tmp_path):
     m = from_tensors(t)
     out = build_prune([m], {}, OpContext(step="p"))
     assert sorted(out.keys()) == sorted(synth_tensors("sdxl", 32, "fp16", 2).keys())
-    rem = out.info["provenance"]["prune"]["removed"]
+    rem = out.info.provenance["prune"]["removed"]
     assert rem["lora"] == {"tensors": 6, "bytes": 2 * (4 * 8 + 8 * 4 + 1) * 2}  # two modules, fp16
     assert rem["scheduler"] == {"tensors": 12, "bytes": 12 * 4000}
     assert rem["alias"]["tensors"] == 1 and rem["control_model"] == {"tensors": 1, "bytes": 8}
@@ -217,8 +217,8 @@ def test_nai_alias_names_are_renamed_not_dropped(tmp_path):
     ctx = OpContext(step="p")
     out = build_prune([from_tensors(nai)], {}, ctx)
     assert sorted(out.keys()) == sorted(t)
-    assert out.info["provenance"]["prune"]["renamed"] == 197
-    assert out.info["provenance"]["prune"]["removed_total"] == {"tensors": 0, "bytes": 0}
+    assert out.info.provenance["prune"]["renamed"] == 197
+    assert out.info.provenance["prune"]["removed_total"] == {"tensors": 0, "bytes": 0}
     assert torch.equal(out.get(pre + "final_layer_norm.weight"), t[pre + "final_layer_norm.weight"])
 
 
@@ -227,5 +227,5 @@ def test_missing_reference_tensors_are_reported(tmp_path):
     del t["model.diffusion_model.out.2.bias"]
     ctx = OpContext(step="p")
     out = build_prune([from_tensors(t)], {}, ctx)
-    assert out.info["provenance"]["prune"]["missing_reference_tensors"] == 1
+    assert out.info.provenance["prune"]["missing_reference_tensors"] == 1
     assert any("lacks 1 tensors" in line and "out.2.bias" in line for line in ctx.log)

@@ -67,7 +67,7 @@ def test_model_without_vae_gets_one_in_its_unet_dtype():
     ctx = OpContext(step="bake")
     out = build_vae([from_tensors(t), from_tensors(synth_vae_tensors(32, "fp32", 7, "diffusers"))], {}, ctx)
     assert len(out) == len(t) + 248
-    facts = out.info["provenance"]["vae"]
+    facts = out.info.provenance["vae"]
     assert facts.pop("fingerprint") == toolkit_metric(synth_vae_tensors(32, "fp32", 7))
     assert facts == {"layout": "diffusers", "replaced": 0, "added": 248, "ignored": 0, "dtype": ["BF16"], "reshaped": 8}
     assert out.spec(VAE + "encoder.mid.attn_1.k.weight").shape == (16, 16, 1, 1)
@@ -80,7 +80,7 @@ def test_vae_from_a_legacy_ckpt_with_loss_keys(tmp_path):
     from mergekit_sd.formats.open import open_model
 
     out = build_vae([from_tensors(synth_tensors("sd1", 32, "fp16", 1)), open_model(p)], {}, OpContext(step="b"))
-    assert out.info["provenance"]["vae"]["replaced"] == 248 and out.info["provenance"]["vae"]["ignored"] == 1
+    assert out.info.provenance["vae"]["replaced"] == 248 and out.info.provenance["vae"]["ignored"] == 1
 
 
 def test_diffusers_names_round_trip_and_legacy_attention_names():
@@ -116,5 +116,5 @@ def test_sd1_vae_baked_into_sdxl_is_flagged():
     assert left == 0 and toolkit_metric(vae) == 0
     ctx = OpContext(step="bake")
     out = build_vae([from_tensors(synth_tensors("sdxl", 32, "fp16", 1)), from_tensors(vae, label="kl-f8")], {}, ctx)
-    assert out.info["provenance"]["vae"]["known_as"] == "SD-v1 (kl-f8)"
+    assert out.info.provenance["vae"]["known_as"] == "SD-v1 (kl-f8)"
     assert any("made for SD1/SD2, baked into an SDXL model" in line for line in ctx.log)

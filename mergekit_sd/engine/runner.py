@@ -41,10 +41,10 @@ class BuildReport:
 
 def annotate(model: LazyModel) -> LazyModel:
     """Attach the detected architecture (what merge and LoRA ops check inputs against)."""
-    if "arch" not in model.info:
+    if model.info.arch is None:
         arch = detect(model.specs)
-        model.info["arch"] = arch
-        model.info["architecture"] = getattr(arch, "modelspec", None) or getattr(arch, "architecture", None)
+        model.info.arch = arch
+        model.info.architecture = model.info.architecture or arch.modelspec
     return model
 
 
@@ -141,7 +141,9 @@ class Runner:
             model = op.build(inputs, dict(step.params), ctx)
         except UserError as e:
             raise UserError(str(e) if e.where else f"{where}: {e}") from None
-        log, facts = list(ctx.log), dict(model.info.get("provenance") or {})
+        # what the step reports: the op's own lines, then what reading its inputs reported (a .ckpt's dropped state)
+        log = list(ctx.log) + list(model.info.log) + [line for m in inputs for line in m.info.log]
+        facts = dict(model.info.provenance)
         if reuse is not None:
             model = _restamp_source(self.store.object_path(reuse), model)
         for line in log:
@@ -161,7 +163,7 @@ class Runner:
                 nodes.append(f)
             else:
                 nodes.append(self._step_facts(n))
-        arch = model.info.get("architecture") or (inputs[0].info.get("architecture") if inputs else None)
+        arch = model.info.architecture or (inputs[0].info.architecture if inputs else None)
         extra = dict(model.metadata) if op.output_kind == "lora" else None
         metadata = build_metadata(self.recipe, name, nodes, arch, op.output_kind, extra)
         total = len(model)

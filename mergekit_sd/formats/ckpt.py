@@ -4,7 +4,7 @@ Pickles can execute arbitrary code when loaded, so they are opened only with tor
 Lightning training checkpoints name a few harmless classes in their training state (the checkpoint callback, numpy
 scalars); those names resolve to an inert placeholder that stores nothing. Any other global makes the load fail and
 the file is refused with a one-line error. After loading: unwrap `state_dict`, drop training state (recorded in
-`info["provenance"]`), rename NovelAI-style CLIP aliases and SD 2.1-Turbo SGM names to the standard layout.
+`info.provenance`), rename NovelAI-style CLIP aliases and SD 2.1-Turbo SGM names to the standard layout.
 Outputs are always safetensors; nothing here writes pickles.
 """
 
@@ -14,13 +14,14 @@ import os
 import pickle
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from mergekit_sd.errors import UserError
-from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lazy import LazyModel, ModelInfo, TensorSpec
 from mergekit_sd.formats.safetensors import CODE_OF
 
 NAI_ALIAS = "cond_stage_model.transformer."
@@ -173,13 +174,11 @@ def rename_model(model: LazyModel) -> LazyModel:
         nk = ren.get(k, k)
         back[nk] = k
         new_specs[nk] = s
-    info = dict(model.info)
-    prov = dict(info.get("provenance") or {})
+    prov = dict(model.info.provenance)
     prov["renamed"] = len(ren) - len(dropped)
     if dropped:
         prov["dropped_aliases"] = len(dropped)
-    info["provenance"] = prov
-    return LazyModel(new_specs, lambda k: model.get(back[k]), model.metadata, model.label, info)
+    return LazyModel(new_specs, lambda k: model.get(back[k]), model.metadata, model.label, replace(model.info, provenance=prov))
 
 
 def open_ckpt(path: str | os.PathLike) -> LazyModel:
@@ -206,9 +205,9 @@ def open_ckpt(path: str | os.PathLike) -> LazyModel:
             t = t.detach()
         return t.contiguous()
 
-    info: dict = {"format": "ckpt"}
+    info = ModelInfo(format="ckpt")
     if dropped:
-        info["provenance"] = {"training_state_dropped": dropped}
-        info["log"] = [f"dropped training state from {p.name}: {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}"]
+        info.provenance = {"training_state_dropped": dropped}
+        info.log = [f"dropped training state from {p.name}: {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}"]
     model = LazyModel(specs, produce, {}, label=p.name, info=info)
     return rename_model(model)

@@ -14,6 +14,8 @@ Optional keyword parameters the engine fills in when a method declares them:
 from __future__ import annotations
 
 import importlib
+import warnings
+from importlib.metadata import entry_points
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -131,11 +133,14 @@ def load_methods() -> dict[str, Method]:
         _LOADED = True
         for mod in BUILTIN_MODULES:
             importlib.import_module(f"{__name__}.{mod}")
-        try:
-            from importlib.metadata import entry_points
-
-            for ep in entry_points(group="mergekit_sd.methods"):
+        for ep in entry_points(group="mergekit_sd.methods"):
+            try:
                 ep.load()
-        except Exception:  # a broken plugin must not break the built-ins
-            pass
+            except Exception as e:  # third-party code may raise anything; the built-ins must still work
+                warnings.warn(f"method plugin {ep.name!r} ({ep.value}) failed to load, its methods are unavailable: "
+                              f"{type(e).__name__}: {e}", PluginWarning, stacklevel=2)
     return METHODS
+
+
+class PluginWarning(UserWarning):
+    """A third-party method plugin could not be loaded."""

@@ -5,7 +5,7 @@ An op declares its fields (so the recipe validator, `sdbuild schema` and README 
 lazy `build` that turns input lazy models into an output lazy model without computing any tensor.
 
 Everything an op wants recorded in provenance must be known when `build` returns (the header is written
-before the tensors): put it in `model.info["provenance"]` (a JSON-able dict) and `model.info["log"]` (lines).
+before the tensors): put it in `model.info.provenance` (a JSON-able dict) and `model.info.log` (lines for the user).
 """
 
 from __future__ import annotations

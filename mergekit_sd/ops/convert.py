@@ -71,7 +71,7 @@ def cast_model(model: LazyModel, dtype: torch.dtype | None, step: str, allow_ove
         t = model.get(k)
         return checked_cast(t, k, dtype, step, allow_overflow) if k in cast else t
 
-    return LazyModel(specs, produce, model.metadata, model.label, dict(model.info)), len(cast), before - after
+    return LazyModel(specs, produce, model.metadata, model.label, model.info.derive()), len(cast), before - after
 
 
 def build_convert(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyModel:
@@ -82,9 +82,7 @@ def build_convert(inputs: list[LazyModel], params: dict, ctx: OpContext) -> Lazy
     facts = {"dtype": params["dtype"], "tensors_cast": n, "bytes_before": model.nbytes(), "bytes_after": out.nbytes(),
              "allow_overflow": allow}
     ctx.warn(f"converted {n} float tensors to {params['dtype']} ({model.nbytes()} -> {out.nbytes()} bytes)")
-    info = dict(model.info)
-    info["provenance"] = {"convert": facts}
-    out.info = info
+    out.info = model.info.derive(provenance={"convert": facts})
     return out
 
 

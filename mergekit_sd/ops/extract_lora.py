@@ -15,7 +15,7 @@ import torch
 
 from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, checkpoint_arch, default_modules
 from mergekit_sd.errors import UserError
-from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lazy import LazyModel, ModelInfo, TensorSpec
 from mergekit_sd.lora.svd import factor_rank, svd_factor
 from mergekit_sd.formats.safetensors import DTYPE_NAMES
 from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
@@ -155,10 +155,9 @@ def build_extract(inputs: list[LazyModel], params: dict, ctx: OpContext) -> Lazy
         check_finite(out, key, ctx.step)
         return out.to(spec.dtype).contiguous()
 
-    info = {"architecture": MODELSPEC_ARCH[arch], "kind": "lora"}
-    info["provenance"] = {"architecture": arch, "rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp,
-                          "min_diff": min_diff, "modules": len(modules), "text_encoder": te_note,
-                          "factoring": "fp64 SVD on the CPU, up = U*S, down = Vh, alpha = rank"}
+    info = ModelInfo(architecture=MODELSPEC_ARCH[arch], provenance={
+        "architecture": arch, "rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp, "min_diff": min_diff,
+        "modules": len(modules), "text_encoder": te_note, "factoring": "fp64 SVD on the CPU, up = U*S, down = Vh, alpha = rank"})
     meta = lora_metadata(arch, ctx.step, rank, conv_rank)
     return LazyModel(specs, produce, meta, label=ctx.step, info=info)
 

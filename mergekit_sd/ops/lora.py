@@ -264,13 +264,11 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
             r["ignored_tensors"] = len(p.skipped)
             ctx.warn(f"LoRA {labels[i]}: ignored {len(p.skipped)} bundled embedding tensors (bundle_emb.*)")
         report.append(r)
-    info = dict(model.info)
     prov: dict[str, Any] = {"architecture": arch, "loras": report, "targets": len(by_key) + len(by_bias),
                             "application": "W + sum of strength*scale*dW, every network from the original W; DoRA as A1111"}
     if skipped:
         prov["skipped_modules"] = skipped
-    info["provenance"] = prov
-    return LazyModel(specs, produce, model.metadata, label=ctx.step, info=info)
+    return LazyModel(specs, produce, model.metadata, label=ctx.step, info=model.info.derive(provenance=prov))
 
 
 def _refs(params: dict) -> list[str]:

@@ -92,7 +92,7 @@ def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: to
 
 
 def model_arch(model: LazyModel) -> ArchInfo:
-    a = model.info.get("arch")
+    a = model.info.arch
     return a if isinstance(a, ArchInfo) else detect(model.specs)
 
 
@@ -265,10 +265,6 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         check_finite(out, key, ctx.step)
         return out
 
-    info = dict(first.info)
-    info.setdefault("arch", archs[0])
-    if not info.get("architecture") and archs[0].modelspec:
-        info["architecture"] = archs[0].modelspec
     prov: dict[str, Any] = {"method": method.name, "formula": method.formula}
     if archs[0].known:
         prov["architecture"] = archs[0].describe()
@@ -284,7 +280,8 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
             ctx.warn(f"{len(ks)} tensors {what} (missing elsewhere), e.g. {ks[0]}")
     if any(v == "dim1" for v in plan.values()):
         prov["dim1_rule"] = sorted(k for k, v in plan.items() if v == "dim1")
-    info["provenance"] = prov
+    info = first.info.derive(arch=first.info.arch or archs[0], architecture=first.info.architecture or archs[0].modelspec,
+                             provenance=prov)
     return LazyModel(specs, produce, first.metadata, label=ctx.step, info=info)
 
 

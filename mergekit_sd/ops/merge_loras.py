@@ -17,7 +17,7 @@ import torch
 
 from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, table
 from mergekit_sd.errors import UserError
-from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lazy import LazyModel, ModelInfo, TensorSpec
 from mergekit_sd.lora.delta import bias_role, compute_delta, delta_shape, fits, module_scale
 from mergekit_sd.lora.formats import Module, declared_arch, name_arch, parse_lora
 from mergekit_sd.lora.strength import compile_strength, entries_schema, validate_lora_entries
@@ -222,15 +222,13 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
         meta = lora_metadata(arch, ctx.step, ranks.pop() if len(ranks) == 1 else "Dynamic", None,
                              module="lycoris.kohya" if lycoris else "networks.lora",
                              extra_args={"algo": "full"} if lycoris and not ranks else None)
-    info = {"architecture": MODELSPEC_ARCH[arch], "kind": "lora"}
     prov: dict[str, Any] = {"architecture": arch, "mode": mode, "layers": dict(sorted(counts.items())),
                             "loras": [{"lora": e["lora"], "strength": e["strength"], "modules": len(p.modules),
                                        **({"te_strength": e["te_strength"]} if "te_strength" in e else {})}
                                       for e, p in zip(entries, parsed)]}
     if mode == "svd":
         prov.update({"rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp})
-    info["provenance"] = prov
-    return LazyModel(specs, produce, meta, label=ctx.step, info=info)
+    return LazyModel(specs, produce, meta, label=ctx.step, info=ModelInfo(architecture=MODELSPEC_ARCH[arch], provenance=prov))
 
 
 register_op(OpSpec(

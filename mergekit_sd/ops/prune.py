@@ -96,7 +96,7 @@ def build_prune(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMo
 
     out_specs = {k: specs[k] for k in kept}
     facts: dict[str, Any] = {"architecture": cls.arch.name, "ema": "use" if use_ema else "drop"}
-    renamed = (model.info.get("provenance") or {}).get("renamed")
+    renamed = model.info.provenance.get("renamed")
     if renamed:
         facts["renamed"] = renamed
         ctx.warn(f"renamed {renamed} legacy text-encoder tensors to the standard layout")
@@ -176,12 +176,10 @@ def build_prune(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMo
         if n:
             ctx.warn(f"converted {n} float tensors to {dtype} ({before} -> {out.nbytes()} bytes)")
     facts["kept"] = {"tensors": len(out.specs), "bytes": out.nbytes()}
-    upstream = (model.info.get("provenance") or {}).get("training_state_dropped")
+    upstream = model.info.provenance.get("training_state_dropped")
     if upstream:
         facts["training_state_dropped"] = upstream
-    info = {k: v for k, v in model.info.items() if k not in ("provenance", "log")}
-    info["provenance"] = {"prune": facts}
-    out.info = info
+    out.info = model.info.derive(provenance={"prune": facts})
     return out
 
 

@@ -176,9 +176,7 @@ def build_vae(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMode
             ctx.warn(f"the VAE of {labels[1]} looks like the {known} VAE (fingerprint {fp}), made for SD1/SD2, baked into an SDXL model")
     ctx.warn(f"baked {len(plan)} VAE tensors from {labels[1]} ({layout} layout): {replaced} replaced, {len(plan) - replaced} added"
              + (f"; {len(ignored)} other tensors of the VAE file ignored" if ignored else ""))
-    info = {k: v for k, v in model.info.items() if k not in ("provenance", "log")}
-    info["provenance"] = {"vae": facts}
-    return LazyModel(specs, produce, model.metadata, label=ctx.step, info=info)
+    return LazyModel(specs, produce, model.metadata, label=ctx.step, info=model.info.derive(provenance={"vae": facts}))
 
 
 register_op(OpSpec(

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mergekit_sd.formats import digests
 from mergekit_sd.provenance import a1111
 from mergekit_sd.provenance.a1111 import (
     MergeInput,
     merge_fields,
     parse_merge_metadata,
     read_webui_metadata,
-    recover_recipe,
 )
+from mergekit_sd.provenance.recover import recover_recipe
 from mergekit_sd.recipe.load import parse_recipe
 from mergekit_sd.synth.models import write_synth
 from mergekit_sd.formats.safetensors import read_header
@@ -41,33 +42,33 @@ GHOSTXL = {
 def test_legacy_hash_of_small_file_is_sha256_of_nothing(tmp_path: Path):
     p = tmp_path / "small.safetensors"
     p.write_bytes(b"x" * 1000)
-    assert a1111.legacy_hash(p) == "e3b0c442"
-    assert a1111.EMPTY_LEGACY == hashlib.sha256(b"").hexdigest()[:8]
+    assert digests.legacy_hash(p) == "e3b0c442"
+    assert digests.EMPTY_LEGACY == hashlib.sha256(b"").hexdigest()[:8]
 
 
 def test_legacy_hash_reads_64k_at_1mib(tmp_path: Path):
     data = bytes(range(256)) * (5 * 4096)  # 5 MiB
     p = tmp_path / "big.bin"
     p.write_bytes(data)
-    assert a1111.legacy_hash(p) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert digests.legacy_hash(p) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     # a file ending inside the window hashes what is there
     q = tmp_path / "edge.bin"
     q.write_bytes(data[:0x100000 + 10])
-    assert a1111.legacy_hash(q) == hashlib.sha256(data[0x100000:0x10000A]).hexdigest()[:8]
+    assert digests.legacy_hash(q) == hashlib.sha256(data[0x100000:0x10000A]).hexdigest()[:8]
 
 
 def test_autov2_is_first_ten_hex():
-    assert a1111.autov2(SHA_A) == "3fe89f167d"
-    assert a1111.autov2(SHA_A.upper()) == "3fe89f167d"
+    assert digests.autov2(SHA_A) == "3fe89f167d"
+    assert digests.autov2(SHA_A.upper()) == "3fe89f167d"
 
 
 def test_tensor_buffer_sha256_matches_what_the_writer_patched_in(tmp_path: Path):
     p = write_synth(tmp_path / "m.safetensors", "sd1", factor=32, seed=3)
     _, meta = read_header(p)
-    assert meta["modelspec.hash_sha256"] == a1111.tensor_buffer_sha256(p)
+    assert meta["modelspec.hash_sha256"] == digests.tensor_buffer_sha256(p)
     raw = p.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    assert a1111.tensor_buffer_sha256(p) == "0x" + hashlib.sha256(raw[8 + n:]).hexdigest()
+    assert digests.tensor_buffer_sha256(p) == "0x" + hashlib.sha256(raw[8 + n:]).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,8 +263,8 @@ def test_webui_add_difference_and_legacy_sigmoid(tmp_path: Path):
 
 
 def test_legacy_sigmoid_without_its_op_is_the_same_weighted_sum(monkeypatch):
-    real = a1111._op_defaults
-    monkeypatch.setattr(a1111, "_op_defaults", lambda op: None if op in ("sigmoid", "inverse_sigmoid") else real(op))
+    real = a1111.op_defaults
+    monkeypatch.setattr(a1111, "op_defaults", lambda op: None if op in ("sigmoid", "inverse_sigmoid") else real(op))
     rec = parse_merge_metadata(_webui(interp_method="Sigmoid", multiplier=0.25))
     assert rec.op == "weighted_sum" and rec.params["alpha"] == pytest.approx(0.25 ** 2 * (3 - 0.5))
     inv = parse_merge_metadata(_webui(interp_method="Inverse Sigmoid", multiplier=0.25))
@@ -336,9 +337,6 @@ def test_newer_provenance_schema_is_refused():
     prov = {"schema": 2, "node": "m", "recipe": {"sdbuild": 1, "inputs": {}, "steps": {}, "outputs": {}}}
     with pytest.raises(ValueError, match="newer sdbuild"):
         recover_recipe({"sdbuild.provenance": json.dumps(prov)})
-    from mergekit_sd.provenance.record import SCHEMA_VERSION
-
-    assert a1111.PROVENANCE_SCHEMA == SCHEMA_VERSION
 
 
 def test_supermerger_elemental_and_include_recover_to_step_fields(tmp_path: Path):

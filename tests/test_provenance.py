@@ -12,13 +12,16 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import write_recipe
+from mergekit_sd.formats import digests
 from mergekit_sd.provenance import a1111
 from mergekit_sd.engine import memo as hashing
 from mergekit_sd.engine.options import Options
 from mergekit_sd.engine.planner import Planner
 from mergekit_sd.engine.runner import Runner
 from mergekit_sd.engine.lockfile import lock_path, read_lock
-from mergekit_sd.provenance.record import lineage_lines, read_provenance
+from mergekit_sd.provenance.lineage import lineage_lines
+from mergekit_sd.provenance.record import read_provenance
+from mergekit_sd.provenance.recover import recover_recipe
 from mergekit_sd.recipe.load import load_recipe, parse_recipe
 from mergekit_sd.synth.models import write_synth
 from mergekit_sd.formats.safetensors import SafetensorsFile, read_header
@@ -89,12 +92,12 @@ def test_metadata_parses_by_automatic1111_rules(built, model_dir):
     assert rec["secondary_model_hash"] == sha_c and rec["tertiary_model_hash"] == sha_a
     mix_sha = rec["primary_model_hash"]
     assert set(models) == {mix_sha, sha_c, sha_a, sha256(model_dir / "b.safetensors")}  # the step's own inputs, then its ancestry
-    assert models[sha_a] == {"name": "a.safetensors", "legacy_hash": a1111.legacy_hash(model_dir / "a.safetensors"), "sd_merge_recipe": None}
+    assert models[sha_a] == {"name": "a.safetensors", "legacy_hash": digests.legacy_hash(model_dir / "a.safetensors"), "sd_merge_recipe": None}
     assert models[mix_sha]["sd_merge_recipe"]["interp_method"] == "Weighted sum"
     # the sdbuild record: inputs with every hash and their credits, op versions, the output's own digest
     a = prov["recipe"]["inputs"]["A"]
     assert a == {"file": "a.safetensors", "digest": hashing.digest_file(model_dir / "a.safetensors", None)[0], "sha256": sha_a,
-                 "autov2": sha_a[:10], "legacy_hash": a1111.legacy_hash(model_dir / "a.safetensors"), "author": "alice",
+                 "autov2": sha_a[:10], "legacy_hash": digests.legacy_hash(model_dir / "a.safetensors"), "author": "alice",
                  "url": "https://example.org/a"}
     assert prov["schema"] == 1 and prov["node"] == "final" and set(prov["nodes"]) == {"mix", "final"}
     assert all(isinstance(n["version"], int) for n in prov["nodes"].values())
@@ -104,7 +107,7 @@ def test_metadata_parses_by_automatic1111_rules(built, model_dir):
     assert meta["modelspec.description"] == "two steps" and meta["modelspec.license"] == "creativeml-openrail-m"
     assert meta["modelspec.usage_hint"] == "1girl, masterpiece" and meta["modelspec.prediction_type"] == "epsilon"
     assert meta["modelspec.merged_from"] == "a, b, c"
-    assert meta["modelspec.hash_sha256"] == a1111.tensor_buffer_sha256(out)
+    assert meta["modelspec.hash_sha256"] == digests.tensor_buffer_sha256(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ def test_hash_prints_all_four_and_is_memoised(tmp_path, model_dir, sdbuild):
     assert r.code == 0, r
     h = json.loads(r.out)
     sha = sha256(p)
-    assert h == {"file": "b.safetensors", "sha256": sha, "autov2": sha[:10], "legacy_hash": a1111.legacy_hash(p),
+    assert h == {"file": "b.safetensors", "sha256": sha, "autov2": sha[:10], "legacy_hash": digests.legacy_hash(p),
                  "content_digest": hashing.digest_file(p, None)[0]}
     before = hashing.STATS["files_hashed"]
     assert sdbuild("hash", p).code == 0
@@ -489,7 +492,7 @@ def test_block_weights_are_written_as_supermerger_mbw_and_recorded_with_their_ru
     assert read_provenance(meta)["nodes"]["m"]["block_rule"] == "supermerger-2025"
     # and back: the supermerger record recovers to a recipe with the same block list, which validates
     foreign = {"sd_merge_recipe": meta["sd_merge_recipe"], "sd_merge_models": meta["sd_merge_models"]}
-    text = a1111.recover_recipe(foreign, "mbw.safetensors")
+    text = recover_recipe(foreign, "mbw.safetensors")
     step = parse_recipe(text, tmp_path / "back.yaml").steps["merged"]
     assert step.params["alpha"] == nums
     # a scalar step records no block rule

@@ -76,7 +76,7 @@ def test_sha256_pin_mismatch(tmp_path, model_dir, sdbuild):
 
 
 def test_sha256_pin_finds_the_file_in_models_folders(tmp_path, model_dir, sdbuild):
-    from mergekit_sd.engine.keys import sha256_file
+    from mergekit_sd.formats.digests import sha256_file
 
     rp = write_recipe(tmp_path, f"""
         sdbuild: 1

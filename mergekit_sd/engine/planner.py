@@ -15,12 +15,13 @@ from typing import Any
 
 from mergekit_sd import TOOL
 from mergekit_sd.engine.inputs import search_folders
-from mergekit_sd.engine.keys import canonical, compute_key, object_key
+from mergekit_sd.engine.keys import compute_key, object_key
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.options import Options, model_dirs
 from mergekit_sd.engine.progress import Progress
 from mergekit_sd.engine.store import Store
 from mergekit_sd.errors import UserError
+from mergekit_sd.formats.digests import canonical
 from mergekit_sd.ops import get_op
 from mergekit_sd.provenance.record import NodeFacts
 from mergekit_sd.recipe.graph import build_graph, build_order

@@ -10,6 +10,7 @@ same sdbuild version replays it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,14 +20,16 @@ from typing import Any, Iterable
 
 from mergekit_sd.errors import UserError, VerifyError
 from mergekit_sd.engine.inputs import find_recorded
-from mergekit_sd.engine.keys import sha256_file
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.options import Options, model_dirs
 from mergekit_sd.engine.planner import Planner
 from mergekit_sd.engine.progress import Progress
 from mergekit_sd.engine.runner import Runner
 from mergekit_sd.engine.state import StateDB, file_identity
+from mergekit_sd.formats.digests import autov2, legacy_hash, sha256_file
+from mergekit_sd.provenance.lineage import lineage_json, lineage_lines
 from mergekit_sd.provenance.record import CONTENT_DIGEST_KEY, SCHEMA_VERSION, read_provenance
+from mergekit_sd.provenance.recover import recipe_from_provenance, recover_recipe
 from mergekit_sd.recipe.load import parse_recipe
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -109,8 +112,6 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
             except OSError:
                 shutil.copyfile(p, link)
             links[n] = str(link.relative_to(scratch))
-        from mergekit_sd.provenance.a1111 import recipe_from_provenance
-
         text = recipe_from_provenance(prov, path.name, paths=links)
         rpath = scratch / "recipe.yaml"
         rpath.write_text(text, encoding="utf-8")
@@ -191,8 +192,6 @@ def differing_tensors(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
 
 def recipe_for_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
     """`sdbuild recipe`: the recipe recovered from a file, checked against the file's own tensors."""
-    from mergekit_sd.provenance.a1111 import recover_recipe
-
     p = Path(path)
     meta = read_metadata(p)
     actual = digest_file(p, StateDB(cache_dir), want_sha256=False)[0] if CONTENT_DIGEST_KEY in meta else None
@@ -208,8 +207,6 @@ def recipe_for_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> st
 
 def hash_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str, str]:
     """sha256, AutoV2, legacy hash and content digest of a model file (sha256 and digest memoised)."""
-    from mergekit_sd.provenance.a1111 import autov2, legacy_hash
-
     p = Path(path)
     if not p.is_file():
         raise UserError("model file not found", str(p))
@@ -224,10 +221,6 @@ def hash_file(path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict[str
 
 def lineage_tree(path: str | os.PathLike, as_json: bool = False) -> str:
     """The lineage of a model as an indented tree (or nested JSON): steps, inputs, and the generations before them."""
-    import json
-
-    from mergekit_sd.provenance.record import lineage_json, lineage_lines
-
     p = Path(path)
     meta = read_metadata(p)
     if as_json:

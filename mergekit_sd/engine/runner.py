@@ -13,16 +13,15 @@ from typing import Any
 import torch
 
 from mergekit_sd.arch.detect import detect, model_kind
-from mergekit_sd.engine.keys import canonical
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.planner import NodeState, Planner
 from mergekit_sd.engine.store import materialise
 from mergekit_sd.errors import SdbuildError, StepError, UserError
+from mergekit_sd.formats.digests import canonical, legacy_hash
 from mergekit_sd.formats.open import open_model
 from mergekit_sd.formats.safetensors import SafetensorsFile, read_header, write_model
 from mergekit_sd.lazy import LazyModel
 from mergekit_sd.ops import OpContext, get_op
-from mergekit_sd.provenance.a1111 import legacy_hash
 from mergekit_sd.provenance.record import NodeFacts, build_metadata, read_provenance
 from mergekit_sd.recipe.graph import build_order
 

@@ -22,7 +22,7 @@ import torch
 
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, ModelInfo, TensorSpec
-from mergekit_sd.formats.safetensors import CODE_OF
+from mergekit_sd.formats.safetensors import CODE_OF, SafetensorsFile
 
 NAI_ALIAS = "cond_stage_model.transformer."
 NAI_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -186,8 +186,6 @@ def open_ckpt(path: str | os.PathLike) -> LazyModel:
     p = Path(path)
     where = str(p)
     if _looks_like_safetensors(p):  # a safetensors file under a legacy extension: read it as what it is
-        from mergekit_sd.formats.safetensors import SafetensorsFile
-
         return rename_model(SafetensorsFile(p).lazy())
     obj = _load(p)
     tensors, dropped = unwrap_state_dict(obj, where)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel
+from mergekit_sd.formats.ckpt import open_ckpt, rename_model
+from mergekit_sd.formats.digests import sha256_file
 from mergekit_sd.formats.safetensors import SafetensorsFile, file_content_digest, model_content_digest
 
 SAFETENSORS_EXT = (".safetensors",)
@@ -23,12 +24,8 @@ def open_model(path: str | os.PathLike) -> LazyModel:
     p = Path(path)
     ext = p.suffix.lower()
     if ext in PICKLE_EXT:
-        from mergekit_sd.formats.ckpt import open_ckpt
-
         return open_ckpt(p)
     if ext in SAFETENSORS_EXT or ext == "":
-        from mergekit_sd.formats.ckpt import rename_model
-
         return rename_model(SafetensorsFile(p).lazy())
     raise UserError(f"unsupported model file type {ext!r}; use .safetensors (or a legacy .ckpt/.pt)", str(p))
 
@@ -37,12 +34,5 @@ def content_digest_and_sha256(path: Path, want_sha256: bool = True) -> tuple[str
     ext = path.suffix.lower()
     if ext in PICKLE_EXT:
         digest = model_content_digest(open_model(path))
-        sha = None
-        if want_sha256:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for b in iter(lambda: f.read(16 << 20), b""):
-                    h.update(b)
-            sha = h.hexdigest()
-        return digest, sha
+        return digest, (sha256_file(path) if want_sha256 else None)
     return file_content_digest(path, want_sha256)

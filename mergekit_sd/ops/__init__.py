@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from mergekit_sd.errors import UserError
+from mergekit_sd.errors import UserError, did_you_mean
 from mergekit_sd.lazy import LazyModel
 
 REQUIRED = object()
@@ -117,10 +117,19 @@ def load_ops() -> dict[str, OpSpec]:
 def get_op(name: str, where: str | None = None) -> OpSpec:
     ops = load_ops()
     if name not in ops:
-        from mergekit_sd.errors import did_you_mean
-
         raise UserError(f"unknown op {name!r}{did_you_mean(name, ops)}; `sdbuild methods` lists them", where)
     return ops[name]
+
+
+def op_defaults(name: str) -> dict[str, Any] | None:
+    """Field defaults of a registered op (None for required fields), or None when no op has that name.
+
+    Recovered recipes and lineage trees show only the parameters that differ from these.
+    """
+    spec = load_ops().get(name)
+    if spec is None:
+        return None
+    return {f.name: (None if f.required else f.default) for f in spec.fields}
 
 
 DTYPE_FIELD = Field("dtype", "dtype", None, ("fp16", "bf16", "fp32"), "output dtype of float tensors (default: the first model's)")

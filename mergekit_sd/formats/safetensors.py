@@ -323,7 +323,6 @@ def write_model(
     path: str | os.PathLike,
     model: LazyModel,
     metadata: Mapping[str, str],
-    out_dtype: Callable[[str, TensorSpec], TensorSpec] | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> WriteResult:
     """Stream `model` into a new safetensors file at `path` (which the caller renames into place).

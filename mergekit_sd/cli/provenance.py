@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from mergekit_sd.cli.common import add_build_options, add_common, cache_dir, command, options
+from mergekit_sd.formats.atomic import write_text
 
 
 def add_parsers(sub) -> None:
@@ -65,7 +66,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
     text = recipe_for_file(args.file, cache_dir(args))
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
+        write_text(args.output, text)
         if not args.quiet:
             print(f"wrote {args.output}", file=sys.stderr)
     else:

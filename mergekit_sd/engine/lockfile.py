@@ -23,6 +23,7 @@ from typing import Iterable, Mapping
 from mergekit_sd.engine.planner import Planner
 from mergekit_sd.engine.runner import Runner
 from mergekit_sd.errors import UserError
+from mergekit_sd.formats.atomic import write_text
 from mergekit_sd.recipe.graph import build_order
 from mergekit_sd.recipe.load import load_recipe
 
@@ -145,11 +146,7 @@ def read_lock(path: str | os.PathLike) -> Lock | None:
 
 def write_lock(path: str | os.PathLike, lock: Lock, recipe_file: str) -> Path:
     """Write atomically (a crash never leaves half a lock)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(format_lock(lock, recipe_file), encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return write_text(path, format_lock(lock, recipe_file))
 
 
 def compare(locked: Lock, actual: Lock, kind: str, *, report_gone: bool = False) -> list[LockDifference]:

@@ -18,6 +18,7 @@ from filelock import FileLock
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.state import StateDB, file_identity
 from mergekit_sd.errors import SdbuildError
+from mergekit_sd.formats.atomic import atomic_path
 from mergekit_sd.formats.safetensors import WriteResult
 
 
@@ -72,14 +73,8 @@ class Store:
         final = self.object_path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.root / "tmp" / f"{key}.{os.getpid()}.partial"
-        try:
-            result = write(tmp)
-            os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(final, tmp, mode=stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH) as path:
+            result = write(path)
         self.db.remember(final, file_identity(final), result.content_digest, None)
         self.db.put_object(key, compute_key, result.content_digest, result.size)
         return result
@@ -140,19 +135,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def materialise(obj: Path, target: Path) -> str:
     """Put an object at an output path by hard link (else copy), atomically. Returns "link", "copy" or "same"."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -161,18 +143,11 @@ def materialise(obj: Path, target: Path) -> str:
             return "same"
     except OSError:
         pass
-    tmp = target.with_name(f".{target.name}.sdbuild-{os.getpid()}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
+    with atomic_path(target) as tmp:
         try:
             os.link(obj, tmp)
             how = "link"
         except OSError:
             shutil.copyfile(obj, tmp)
             how = "copy"
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return how

@@ -19,6 +19,7 @@ import torch
 from mergekit_sd.arch.lora_keys import UNET, Target, default_modules, kohya, ldm_to_diffusers, table
 from mergekit_sd.errors import UserError
 from mergekit_sd.synth.models import synth_specs
+from mergekit_sd.formats.atomic import atomic_path
 from mergekit_sd.formats.safetensors import DTYPE_NAMES, write_model
 from mergekit_sd.lazy import from_tensors
 
@@ -221,13 +222,8 @@ def write_synth_lora(path: str | os.PathLike, arch: str = "sd1", format: str = "
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, meta = synth_lora(arch, format, factor, rank, seed, **options)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write_model(tmp, from_tensors(tensors), meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -17,6 +17,7 @@ import torch
 from mergekit_sd.arch.reference import reference_keys
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.formats.atomic import atomic_path
 from mergekit_sd.formats.safetensors import DTYPE_NAMES, write_model
 
 ARCHES = ("sd1", "sdxl")
@@ -125,13 +126,8 @@ def write_synth(path: str | os.PathLike, arch: str = "sd1", factor: int = 32, dt
     path.parent.mkdir(parents=True, exist_ok=True)
     model = synth_model(arch, factor, dtype, seed, **options)
     meta = {"modelspec.title": title or path.stem, "sdbuild.synthetic": f"{arch} factor={factor} seed={seed}"}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write_model(tmp, model, meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

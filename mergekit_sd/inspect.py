@@ -7,39 +7,21 @@ reports can be compared and asserted on.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergekit_sd.arch.components import CATEGORY_DOC, COMPONENTS, JUNK, MARKERS, classify, is_position_ids
+from mergekit_sd.arch.components import CATEGORY_DOC, COMPONENTS, JUNK, MARKERS, broken_position_ids, classify, is_position_ids
+from mergekit_sd.arch.vae import known_vae, vae_fingerprint
 from mergekit_sd.formats.ckpt import rename_model
-from mergekit_sd.lazy import LazyModel
+from mergekit_sd.formats.open import open_model
 from mergekit_sd.formats.safetensors import dtype_code
+from mergekit_sd.lazy import LazyModel
+from mergekit_sd.provenance.record import read_provenance
 
-KNOWN_VAE_FINGERPRINTS = {0: "SD-v1 (kl-f8)", 869: "SD-v2", 2982: "NAI", 155: "WD-VAE-v1", 41: "WD-VAE-v2"}
 JUNK_EXAMPLES = 5
-
-
-def _open(path: Path) -> LazyModel:
-    from mergekit_sd.formats.open import open_model
-
-    return open_model(path)
-
-
-def _read_provenance(metadata: dict[str, str]) -> Any:
-    """Parsed `sdbuild.provenance` (the provenance module owns its format); None when absent or unreadable."""
-    try:
-        from mergekit_sd.provenance.record import read_provenance
-    except ImportError:  # pragma: no cover
-        raw = metadata.get("sdbuild.provenance")
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:
-            return None
-    return read_provenance(metadata)
 
 
 def _tally(model: LazyModel, keys) -> dict[str, Any]:
@@ -51,23 +33,6 @@ def _tally(model: LazyModel, keys) -> dict[str, Any]:
         c = dtype_code(s.dtype)
         out["dtypes"][c] = out["dtypes"].get(c, 0) + 1
     return out
-
-
-def vae_fingerprint(model: LazyModel, vae_keys: list[str]) -> int | None:
-    """The model toolkit's VAE "metric" (FORMATS §1.7): identifies well-known VAEs (SD-v1 0, NAI 2982, ...)."""
-    total = 0.0
-    seen = False
-    for k in vae_keys:
-        if ("encoder." in k or "decoder." in k) and model.spec(k).dtype.is_floating_point:
-            t = model.get(k).to(torch.float16).to(torch.float32)
-            total += float((torch.sigmoid(t) - 0.5).sum(dtype=torch.float64))
-            seen = True
-    if not seen:
-        return None
-    n = int(abs(total / 17870.7051 - 1) * 10000)
-    while n >= 10000:
-        n -= 5000
-    return n
 
 
 def _kind(arch: str, specs) -> str:
@@ -84,7 +49,7 @@ def _kind(arch: str, specs) -> str:
 def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
     """The report behind `sdbuild inspect FILE [--json]`; tensors are read (one at a time) only when `scan`."""
     p = Path(path)
-    model = rename_model(_open(p))
+    model = rename_model(open_model(p))
     specs = model.specs
     cls = classify(specs)
     arch = cls.arch
@@ -154,8 +119,6 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
 
     pos: dict[str, Any] = {}
     for k in sorted(k for k in specs if is_position_ids(k) and cls.category[k] not in JUNK):
-        from mergekit_sd.ops.prune import broken_position_ids
-
         t = model.get(k)
         broken = broken_position_ids(t)
         pos[k] = {"dtype": dtype_code(t.dtype), "broken": broken, "ok": not broken and t.dtype == torch.int64}
@@ -178,7 +141,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         vae_keys = by_cat.get("vae", [])
         fp = vae_fingerprint(model, vae_keys) if vae_keys else None
         report["vae_fingerprint"] = fp
-        report["vae_known_as"] = next((n for v, n in KNOWN_VAE_FINGERPRINTS.items() if fp is not None and abs(fp - v) <= 1), None)
+        report["vae_known_as"] = known_vae(fp)
     else:
         report["non_finite"] = None
 
@@ -188,7 +151,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
     if prov_in.get("renamed"):
         report["renamed_on_load"] = prov_in["renamed"]
     report["metadata"] = meta
-    report["provenance"] = _read_provenance(meta)
+    report["provenance"] = read_provenance(meta)
     return report
 
 

@@ -487,3 +487,15 @@ def test_reads_each_weight_and_lora_tensor_once_and_records_provenance(tmp_path,
     with safe_open(str(tmp_path / "out" / "baked.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["sdbuild.provenance"])
     assert meta["facts"]["baked"]["loras"][0]["algorithms"] == {"LoCon": 96, "LoRA": 254}
+
+
+@pytest.mark.parametrize("arch,naming", [("sd1", "sgm"), ("sdxl", "diffusers")])  # each unlike kohya's default
+def test_synth_cli_writes_the_chosen_lora_naming(arch, naming, tmp_path, sdbuild):
+    out = tmp_path / f"cli-{naming}.safetensors"
+    r = sdbuild("synth", out, "--arch", arch, "--lora", "lora", "--naming", naming, "--factor", "64", "--rank", "2", "--seed", "3", "-q")
+    assert r.code == 0, r
+    same = write_synth_lora(tmp_path / f"api-{naming}.safetensors", arch, "lora", 64, rank=2, seed=3, naming=naming)
+    assert out.read_bytes() == same.read_bytes()
+    kohya = write_synth_lora(tmp_path / "kohya.safetensors", arch, "lora", 64, rank=2, seed=3)
+    assert set(load_file(str(out))) != set(load_file(str(kohya)))
+    assert sdbuild("synth", tmp_path / "x.safetensors", "--lora", "lora", "--naming", "ldm").code == 2

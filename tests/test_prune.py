@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from conftest import write_recipe
 from mergekit_sd.lazy import from_tensors
 from mergekit_sd.ops import OpContext
-from mergekit_sd.ops.prune import broken_position_ids, build_prune, ema_key
+from mergekit_sd.arch.components import broken_position_ids
+from mergekit_sd.ops.prune import build_prune, ema_key
 from mergekit_sd.synth.models import synth_tensors, write_synth
 
 POS = "cond_stage_model.transformer.text_model.embeddings.position_ids"

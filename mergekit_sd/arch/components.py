@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import torch
+
 from mergekit_sd.lazy import TensorSpec
-from mergekit_sd.arch.reference import REFERENCE_FILES, reference_keys
-from mergekit_sd.synth.models import shrink
+from mergekit_sd.arch.reference import REFERENCE_FILES, reference_keys, shrink
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 # component names of the reference key lists -> the names recipes use
@@ -207,3 +208,11 @@ def component_of(key: str, arch_name: str) -> str | None:
 
 def is_position_ids(key: str) -> bool:
     return key.endswith("embeddings.position_ids")
+
+
+def broken_position_ids(t: torch.Tensor) -> list[int]:
+    """Indices whose id, read as int64 the way loaders do, is not its own position (FORMATS §1.9)."""
+    flat = t.reshape(-1)
+    ids = flat.to(torch.int64) if not flat.dtype.is_floating_point else flat.to(torch.float64).trunc().to(torch.int64)
+    want = torch.arange(flat.numel(), dtype=torch.int64)
+    return [int(i) for i in torch.nonzero(ids != want).reshape(-1)]

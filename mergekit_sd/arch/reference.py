@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from importlib import resources
+from typing import Iterable
 
 REFERENCE_FILES = {"sd1": "sd1-ldm.json", "sdxl": "sdxl-sgm.json"}
+
+
+def shrink(shape: Iterable[int], factor: int) -> tuple[int, ...]:
+    """A reference shape divided by a synthetic model's shrink factor: every dimension that is a multiple of 32 and
+    at least 64 (so q/k/v splits and LoRA factors still fit); factor 1 is full size."""
+    return tuple(d // factor if (d % 32 == 0 and d >= 64 and factor > 1) else d for d in shape)
 
 
 @lru_cache(maxsize=None)

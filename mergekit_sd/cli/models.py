@@ -34,6 +34,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--inpainting", action="store_true", help="9-channel input conv")
     s.add_argument("--lora", metavar="FORMAT", help="write a LoRA of this format instead of a checkpoint")
     s.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    s.add_argument("--naming", choices=("sgm", "diffusers"), default=None, help="LoRA UNet module naming (default: kohya's)")
     s.add_argument("--demo", action="store_true", help="write the demo's input models into the folder OUT")
     add_common(s)
 
@@ -78,7 +79,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
                 print(p)
         return 0
     if args.lora:
-        path = write_synth_lora(args.out, arch=args.arch, format=args.lora, factor=args.factor, rank=args.rank, seed=args.seed)
+        path = write_synth_lora(args.out, arch=args.arch, format=args.lora, factor=args.factor, rank=args.rank, seed=args.seed,
+                                naming=args.naming)
     else:
         path = write_synth(args.out, args.arch, args.factor, args.dtype, args.seed, ema=args.ema, junk=args.junk,
                            markers=args.markers, inpainting=args.inpainting)

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from mergekit_sd.arch.components import COMPONENTS, UNET, classify, is_position_ids
+from mergekit_sd.arch.components import COMPONENTS, UNET, broken_position_ids, classify, is_position_ids
 from mergekit_sd.formats.ckpt import rename_model
-from mergekit_sd.errors import UserError
+from mergekit_sd.errors import UserError, did_you_mean
 from mergekit_sd.lazy import LazyModel, TensorSpec
 from mergekit_sd.formats.safetensors import DTYPE_NAMES, dtype_code
 from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
@@ -29,14 +29,6 @@ def ema_key(unet_key: str) -> str:
     return "model_ema.diffusion_model" + unet_key[len(UNET):].replace(".", "")
 
 
-def broken_position_ids(t: torch.Tensor) -> list[int]:
-    """Indices whose id, read as int64 the way loaders do, is not its own position (FORMATS §1.9)."""
-    flat = t.reshape(-1)
-    ids = flat.to(torch.int64) if not flat.dtype.is_floating_point else flat.to(torch.float64).trunc().to(torch.int64)
-    want = torch.arange(flat.numel(), dtype=torch.int64)
-    return [int(i) for i in torch.nonzero(ids != want).reshape(-1)]
-
-
 def _components(value: Any, where: str) -> list[str] | None:
     if value is None:
         return None
@@ -44,8 +36,6 @@ def _components(value: Any, where: str) -> list[str] | None:
         raise UserError("must be a list of components: " + ", ".join(COMPONENTS), where)
     for v in value:
         if v not in COMPONENTS:
-            from mergekit_sd.errors import did_you_mean
-
             raise UserError(f"unknown component {v!r}{did_you_mean(v, COMPONENTS)}; components are {', '.join(COMPONENTS)}", where)
     return sorted(set(value), key=COMPONENTS.index)
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from mergekit_sd.arch.components import VAE, guess_arch, shrink
-from mergekit_sd.arch.reference import reference_keys
+from mergekit_sd.arch.components import VAE, guess_arch
+from mergekit_sd.arch.reference import reference_keys, shrink
+from mergekit_sd.arch.vae import known_vae, vae_fingerprint
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, TensorSpec
 from mergekit_sd.formats.safetensors import dtype_code
-from mergekit_sd.inspect import KNOWN_VAE_FINGERPRINTS, vae_fingerprint
 from mergekit_sd.ops import Field, OpContext, OpSpec, register_op
 from mergekit_sd.ops.convert import checked_cast
 
@@ -169,7 +169,7 @@ def build_vae(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMode
         facts["reshaped"] = sum(1 for _, r in plan.values() if r)
     fp = vae_fingerprint(vae, sorted(src for src, _ in plan.values()))
     facts["fingerprint"] = fp
-    known = next((n for v, n in KNOWN_VAE_FINGERPRINTS.items() if fp is not None and abs(fp - v) <= 1), None)
+    known = known_vae(fp)
     if known:
         facts["known_as"] = known
         if arch.name.startswith("sdxl"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mergekit_sd.synth.loras import make_demo_loras
 from mergekit_sd.synth.models import write_synth
 
 DEMO_FACTOR = 16
@@ -19,9 +20,5 @@ def make_demo_models(folder: str | Path) -> list[Path]:
         if not p.exists():
             write_synth(p, "sd1", DEMO_FACTOR, "fp16", seed, title=f"demo {name}")
         out.append(p)
-    try:
-        from mergekit_sd.synth.loras import make_demo_loras
-    except ImportError:
-        return out
-    out += make_demo_loras(folder)
+    out += make_demo_loras(folder, DEMO_FACTOR)
     return out

@@ -7,7 +7,6 @@ factor. Values are seeded per module name: the same arguments always give the sa
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import zlib
@@ -230,12 +229,8 @@ def write_synth_lora(path: str | os.PathLike, arch: str = "sd1", format: str = "
 DEMO_LORAS = {"detail-lora": ("lora", 1), "style-locon": ("locon", 2)}
 
 
-def make_demo_loras(folder: str | os.PathLike, factor: int | None = None) -> list[Path]:
-    """The LoRA inputs of `recipes/lora-demo.yaml` (skipping files already there), sized for the demo models."""
-    if factor is None:
-        from mergekit_sd.synth.demo import DEMO_FACTOR
-
-        factor = DEMO_FACTOR
+def make_demo_loras(folder: str | os.PathLike, factor: int) -> list[Path]:
+    """The LoRA inputs of `recipes/lora-demo.yaml` (skipping files already there), sized for demo models of `factor`."""
     folder = Path(folder)
     out = []
     for name, (fmt, seed) in DEMO_LORAS.items():
@@ -244,16 +239,3 @@ def make_demo_loras(folder: str | os.PathLike, factor: int | None = None) -> lis
             write_synth_lora(p, "sd1", fmt, factor, rank=4, seed=seed)
         out.append(p)
     return out
-
-
-def add_lora_synth_args(parser: argparse.ArgumentParser) -> None:
-    """Options of `sdbuild synth --lora FORMAT`."""
-    parser.add_argument("--lora", metavar="FORMAT", choices=FORMATS, help=f"write a synthetic LoRA: {', '.join(FORMATS)}")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
-    parser.add_argument("--naming", choices=("sgm", "diffusers"), default=None, help="UNet module naming (default: kohya's)")
-
-
-def run_lora_synth(args: argparse.Namespace) -> Path:
-    """Write the LoRA `args` ask for; uses args.out (path), args.arch, args.factor, args.seed, args.dtype when present."""
-    return write_synth_lora(args.out, getattr(args, "arch", "sd1"), args.lora, getattr(args, "factor", 32), args.rank,
-                            getattr(args, "seed", 0), dtype=getattr(args, "dtype", None) or "fp16", naming=args.naming)

@@ -10,22 +10,18 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from mergekit_sd.arch.reference import reference_keys
+from mergekit_sd.arch.reference import reference_keys, shrink
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, TensorSpec
 from mergekit_sd.formats.atomic import atomic_path
 from mergekit_sd.formats.safetensors import DTYPE_NAMES, write_model
+from mergekit_sd.ops.vae import ldm_to_diffusers
 
 ARCHES = ("sd1", "sdxl")
 MARKERS = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
-
-
-def shrink(shape: Iterable[int], factor: int) -> tuple[int, ...]:
-    return tuple(d // factor if (d % 32 == 0 and d >= 64 and factor > 1) else d for d in shape)
 
 
 def ema_name(key: str) -> str:
@@ -140,8 +136,6 @@ def synth_vae_tensors(factor: int = 32, dtype: str = "fp32", seed: int = 7, layo
     if layout == "checkpoint":
         return {"first_stage_model." + k: v for k, v in vae.items()}
     if layout == "diffusers":
-        from mergekit_sd.ops.vae import ldm_to_diffusers
-
         out = {}
         for k, v in vae.items():
             if ".mid.attn_1." in k and v.dim() == 4:

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from mergekit_sd.lazy import TensorSpec
+from mergekit_sd.arch.detect import detect, model_kind
 from mergekit_sd.arch.reference import REFERENCE_FILES, reference_keys, shrink
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -67,8 +68,6 @@ class ArchGuess:
 def guess_arch(specs: Mapping[str, TensorSpec]) -> ArchGuess:
     """The detected architecture (arch.detect, FORMATS §1.3) plus what key checks need: the reference list to compare
     against and the shrink factor of synthetic models (from `time_embed`, so shrunk files check against shrunk shapes)."""
-    from mergekit_sd.arch.detect import detect, model_kind
-
     info = detect(specs)
     if not info.known:
         return ArchGuess("vae" if model_kind(specs) == "vae" else "unknown")

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from mergekit_sd.arch.detect import detect
 from mergekit_sd.arch.reference import reference_keys
 
 UNET = "model.diffusion_model."
@@ -217,8 +218,6 @@ def default_modules(arch: str, conv: bool = False) -> dict[str, Target]:
 
 def checkpoint_arch(specs) -> str | None:
     """sd1 / sd2 / sdxl (the architectures these tables cover), or None (unknown, or e.g. the SDXL refiner)."""
-    from mergekit_sd.arch.detect import detect
-
     found = detect(specs).arch
     if found in ARCHES:
         return found

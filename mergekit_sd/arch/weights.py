@@ -21,6 +21,7 @@ from mergekit_sd.arch.blocks import (
     get_rule,
     is_vae_key,
     list_to_blocks,
+    parse_number,
     parse_selector,
     parse_weight_string,
     presets,
@@ -68,8 +69,6 @@ def normalize_weight(value: Any, where: str) -> Any:
         vals = []
         for i, v in enumerate(value):
             if isinstance(v, str):
-                from mergekit_sd.arch.blocks import parse_number
-
                 vals.append(parse_number(v, f"{where}[{i}]"))
             else:
                 vals.append(_number(v, f"{where}[{i}]"))

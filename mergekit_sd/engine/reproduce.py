@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from mergekit_sd import TOOL
 from mergekit_sd.errors import UserError, VerifyError
 from mergekit_sd.engine.inputs import find_recorded
 from mergekit_sd.engine.memo import digest_file
@@ -27,6 +28,8 @@ from mergekit_sd.engine.progress import Progress
 from mergekit_sd.engine.runner import Runner
 from mergekit_sd.engine.state import StateDB, file_identity
 from mergekit_sd.formats.digests import autov2, legacy_hash, sha256_file
+from mergekit_sd.formats.safetensors import SafetensorsFile, read_header, tensor_digest
+from mergekit_sd.ops import load_ops
 from mergekit_sd.provenance.lineage import lineage_json, lineage_lines
 from mergekit_sd.provenance.record import CONTENT_DIGEST_KEY, SCHEMA_VERSION, read_provenance
 from mergekit_sd.provenance.recover import recipe_from_provenance, recover_recipe
@@ -34,8 +37,6 @@ from mergekit_sd.recipe.load import parse_recipe
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A model file's `__metadata__` (safetensors only: legacy pickles carry none)."""
-    from mergekit_sd.formats.safetensors import read_header
-
     p = Path(path)
     if not p.is_file():
         raise UserError("model file not found", str(p))
@@ -152,9 +153,6 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
 
 def _version_notes(prov: dict[str, Any]) -> list[str]:
     """Ops whose implementation changed since the file was written (results may legitimately differ)."""
-    from mergekit_sd import TOOL
-    from mergekit_sd.ops import load_ops
-
     notes = []
     ops = load_ops()
     for name, n in sorted((prov.get("nodes") or {}).items()):
@@ -170,8 +168,6 @@ def _version_notes(prov: dict[str, Any]) -> list[str]:
 
 def tensor_digests(path: str | os.PathLike) -> dict[str, bytes]:
     """Per-tensor content digests (name, dtype, shape, bytes) of a safetensors file."""
-    from mergekit_sd.formats.safetensors import SafetensorsFile, tensor_digest
-
     out: dict[str, bytes] = {}
     with SafetensorsFile(path) as f:
         for name in sorted(f.specs):

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from mergekit_sd.arch.detect import model_kind
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import TensorSpec
 
@@ -122,8 +123,6 @@ def split_key(key: str, te1: str) -> tuple[str, str, str] | None:
 def parse_lora(specs: Mapping[str, TensorSpec], label: str, te1: str = "lora_te") -> ParsedLora:
     """Group a LoRA file's tensors into modules and decide each module's algorithm from its suffixes."""
     if not any(split_key(k, te1) for k in specs):
-        from mergekit_sd.arch.detect import model_kind
-
         kind = model_kind(specs)
         looks = f"it looks like a {kind}" if kind in ("checkpoint", "vae") else "it has no LoRA tensors"
         raise UserError(f"{label} is not a LoRA: {looks}")

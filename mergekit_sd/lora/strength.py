@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from mergekit_sd.arch.blocks import parse_number, parse_weight_string
-from mergekit_sd.errors import UserError
+from mergekit_sd.errors import UserError, did_you_mean
 from mergekit_sd.arch.weights import compile_weight, normalize_weight
 
 SD1_BLOCKS = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
@@ -70,8 +70,6 @@ def validate_lora_entries(value: Any, where: str, *, te: bool = True) -> list[di
             raise UserError("each entry is a mapping {lora: NAME, strength: S}", w)
         for k in e:
             if k not in allowed:
-                from mergekit_sd.errors import did_you_mean
-
                 raise UserError(f"unknown field {k!r}{did_you_mean(k, allowed)}; fields: {', '.join(allowed)}", w)
         if not isinstance(e.get("lora"), str):
             raise UserError("lora must name an input or step", w)

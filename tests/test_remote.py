@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,7 @@ def s3(monkeypatch):
                  "AWS_ENDPOINT_URL": server.url}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+    urllib.request.urlopen(urllib.request.Request(server.url + "/moto-api/reset", method="POST"), timeout=10).read()
     client = boto3.client("s3", endpoint_url=server.url)
     client.create_bucket(Bucket=BUCKET)
     server.client = client
@@ -282,14 +284,14 @@ def test_fetch_sha256_mismatch_deletes_the_download(tmp_path, sdbuild, files):
 
 
 def test_fetch_404_names_the_url(tmp_path, sdbuild, files):
-    rec = _url_recipe(tmp_path, files, "gone.safetensors", "1" * 64)
+    rec = _url_recipe(tmp_path, files, "gone.safetensors", "d" * 64)
     r = sdbuild("fetch", rec, "--models", tmp_path / "models")
     assert r.code == 2 and f"{files.url}/gone.safetensors" in r.err and "404" in r.err
 
 
 @pytest.mark.parametrize("url_name", ["..%2F..%2Fevil.safetensors", "%2E%2E", ".hidden"])
 def test_fetch_refuses_a_name_that_would_leave_the_models_folder(tmp_path, sdbuild, files, url_name):
-    rec = _url_recipe(tmp_path, files, "x", "2" * 64, url_name=url_name)
+    rec = _url_recipe(tmp_path, files, "x", "b" * 64, url_name=url_name)
     models = tmp_path / "deep" / "models"
     r = sdbuild("fetch", rec, "--models", models)
     assert r.code == 2 and "would not stay inside the models folder" in r.err
@@ -298,13 +300,13 @@ def test_fetch_refuses_a_name_that_would_leave_the_models_folder(tmp_path, sdbui
 
 def test_fetch_never_follows_a_redirect_to_another_scheme(tmp_path, sdbuild, files):
     files.redirects["m.safetensors"] = f"file://{tmp_path}/secret"
-    rec = _url_recipe(tmp_path, files, "m.safetensors", "3" * 64)
+    rec = _url_recipe(tmp_path, files, "m.safetensors", "c" * 64)
     r = sdbuild("fetch", rec, "--models", tmp_path / "models")
     assert r.code == 2 and "refusing to follow a redirect" in r.err
 
 
 def test_a_bad_url_scheme_is_a_recipe_error_with_its_line(tmp_path, sdbuild):
-    rec = write_recipe(tmp_path, "sdbuild: 1\ninputs:\n  m:\n    sha256: " + "4" * 64 + "\n    url: ftp://x/m.safetensors\n"
+    rec = write_recipe(tmp_path, "sdbuild: 1\ninputs:\n  m:\n    sha256: " + "a" * 64 + "\n    url: ftp://x/m.safetensors\n"
                        "steps: {p: {op: prune, model: m}}\noutputs: {p: p.safetensors}\n")
     r = sdbuild("plan", rec)
     assert r.code == 2 and "recipe.yaml:5" in r.err and "not an https, http or s3 URL" in r.err

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Callable
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlparse
 
 from mergekit_sd.errors import UserError
 from mergekit_sd.formats.atomic import fsync_dir
@@ -39,10 +39,13 @@ def name_from_url(url: str) -> str:
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects to http(s) only: never to file:, ftp: or anything else a server names."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
+    def http_error_302(self, req, fp, code, msg, headers):
+        newurl = urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
         if urlparse(newurl).scheme not in ("http", "https"):
             raise UserError(f"refusing to follow a redirect from {req.full_url} to {newurl} (only http and https are followed)")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 _OPENER = urllib.request.build_opener(_HttpOnlyRedirects)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from mergekit_sd.cli.common import add_build_options, add_common, cache_dir, command, options
+from mergekit_sd.cli.common import add_build_options, add_common, add_remote_options, cache_dir, command, options, remote_url
 from mergekit_sd.engine import stamp
 
 
@@ -18,6 +18,7 @@ def add_parsers(sub) -> None:
     b.add_argument("nodes", nargs="*", help="build only these nodes and what they need")
     b.add_argument("--device", default="cpu", help="where merge math runs: cpu (default) or cuda")
     b.add_argument("--locked", action="store_true", help="refuse inputs that differ from RECIPE.lock")
+    add_remote_options(b)
     add_common(b)
 
     pl = sub.add_parser("plan", help="show each node's key, state and reason; runs nothing")
@@ -41,7 +42,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     cache = cache_dir(args)
     key = stamp.stamp_key(args.recipe, {"nodes": args.nodes, "out_dir": os.path.abspath(args.out_dir) if args.out_dir else None,
                                         "cache": os.path.abspath(cache), "models": [os.path.abspath(m) for m in args.models],
-                                        "locked": args.locked, "device": args.device})
+                                        "locked": args.locked, "device": args.device, "remote": remote_url(args),
+                                        "remote_endpoint": args.remote_endpoint, "remote_read_only": args.remote_read_only})
     report = stamp.check(cache, key)
     if report is None:
         report = _build(args, key)
@@ -71,7 +73,8 @@ def _build(args: argparse.Namespace, key: str) -> dict:
     report = result.as_json()
     if not result.warnings:
         stamp.record(cache_dir(args), key, planner.touched_files(),
-                     {"built": [], "fresh": result.built + result.fresh, "outputs": result.outputs})
+                     {"built": [], "fresh": result.built + result.fresh, "outputs": result.outputs,
+                      "steps": {n: {"source": "local"} for n in result.steps}})
     return report
 
 

@@ -6,10 +6,11 @@ Imports no torch: `sdbuild build` answers a no-op build from stamps before anyth
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Callable
 
-from mergekit_sd.engine.options import Options, default_cache_dir
+from mergekit_sd.engine.options import REMOTE_ENV, Options, default_cache_dir
 from mergekit_sd.engine.progress import Progress
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -37,10 +38,22 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
 
 
+def add_remote_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--remote", default=None, metavar="s3://BUCKET/PREFIX", help="shared cache (default: $SDBUILD_REMOTE)")
+    p.add_argument("--remote-endpoint", default=None, metavar="URL", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--remote-read-only", action="store_true", help="download from the remote, never upload")
+
+
+def remote_url(args: argparse.Namespace) -> str | None:
+    return getattr(args, "remote", None) or os.environ.get(REMOTE_ENV) or None
+
+
 def cache_dir(args: argparse.Namespace) -> Path:
     return getattr(args, "cache_dir", None) or default_cache_dir()
 
 
 def options(args: argparse.Namespace) -> Options:
     return Options(cache_dir=cache_dir(args), out_dir=getattr(args, "out_dir", None), models=list(getattr(args, "models", [])),
-                   device=getattr(args, "device", "cpu"), quiet=args.quiet, progress=Progress(args.quiet))
+                   device=getattr(args, "device", "cpu"), quiet=args.quiet, progress=Progress(args.quiet),
+                   remote=remote_url(args), remote_endpoint=getattr(args, "remote_endpoint", None),
+                   remote_read_only=getattr(args, "remote_read_only", False))

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from mergekit_sd.cli.common import add_build_options, add_common, cache_dir, command, options
+from mergekit_sd.cli.common import add_build_options, add_common, add_remote_options, cache_dir, command, options
 from mergekit_sd.formats.atomic import write_text
 
 
@@ -23,6 +23,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--keep", type=Path, default=None, help="keep the scratch build in this folder")
     r.add_argument("--device", default="cpu")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--fetch", action="store_true", help="download missing inputs by their recorded url (verified by sha256) into the first --models folder")
     add_common(r)
 
     rc = sub.add_parser("recipe", help="recover a runnable recipe from a model's metadata (sdbuild, AUTOMATIC1111, supermerger)")
@@ -39,6 +40,7 @@ def add_parsers(sub) -> None:
 
     lk = sub.add_parser("lock", help="build, then write RECIPE.lock with input and output digests")
     add_build_options(lk)
+    add_remote_options(lk)
     lk.add_argument("--device", default="cpu")
     add_common(lk)
 
@@ -47,7 +49,7 @@ def add_parsers(sub) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mergekit_sd.engine.reproduce import reproduce
 
-    rep = reproduce(args.file, list(args.models), cache_dir(args), keep=args.keep, device=args.device)
+    rep = reproduce(args.file, list(args.models), cache_dir(args), keep=args.keep, device=args.device, fetch_missing=args.fetch)
     if args.json:
         print(json.dumps(rep.as_json(), indent=2, sort_keys=True))
     elif not args.quiet:

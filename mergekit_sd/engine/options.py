@@ -13,6 +13,7 @@ from mergekit_sd.engine.progress import Progress
 
 CACHE_ENV = "SDBUILD_CACHE"
 MODELS_ENV = "SDBUILD_MODELS"
+REMOTE_ENV = "SDBUILD_REMOTE"
 
 
 def default_cache_dir() -> Path:
@@ -33,3 +34,6 @@ class Options:
     device: str = "cpu"
     quiet: bool = False
     progress: Progress | None = None
+    remote: str | None = None  # s3://bucket/prefix of a shared cache
+    remote_endpoint: str | None = None  # else $AWS_ENDPOINT_URL, else AWS
+    remote_read_only: bool = False

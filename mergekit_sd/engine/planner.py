@@ -59,20 +59,33 @@ class Planner:
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 
+    def declared_path(self, name: str) -> Path | None:
+        """Where the recipe says an input is (relative paths are relative to the recipe's folder)."""
+        decl = self.recipe.inputs[name]
+        if not decl.path:
+            return None
+        p = Path(decl.path).expanduser()
+        return p if p.is_absolute() else self.recipe.dir / p
+
+    def find_input(self, name: str) -> Path | None:
+        """The input's file: at its declared path, else by file name or sha256 pin in the model folders."""
+        decl = self.recipe.inputs[name]
+        declared = self.declared_path(name)
+        if declared is not None and declared.is_file():
+            return declared
+        return search_folders(model_dirs(self.options.models), Path(decl.path).name if decl.path else None,
+                              decl.sha256, self.store.db)
+
     def input_path(self, name: str) -> Path:
         if name in self._paths:
             return self._paths[name]
         decl = self.recipe.inputs[name]
         where = self.recipe.where("inputs", name)
-        candidates: list[Path] = []
-        if decl.path:
-            p = Path(decl.path).expanduser()
-            candidates.append(p if p.is_absolute() else self.recipe.dir / p)
-        found = next((c for c in candidates if c.is_file()), None)
+        found = self.find_input(name)
         if found is None:
-            found = search_folders(model_dirs(self.options.models), Path(decl.path).name if decl.path else None,
-                                   decl.sha256, self.store.db)
-        if found is None:
+            if decl.credits.get("url"):
+                raise UserError(f"input {name!r}: file {decl.path or '(no path)'!r} not found; `sdbuild fetch "
+                                f"{self.recipe.path.name}` downloads it from {decl.credits['url']}", where)
             hint = f" or sha256 {decl.sha256[:12]}…" if decl.sha256 else ""
             raise UserError(f"input {name!r}: file {decl.path or '(no path)'!r} not found{hint}; fix the path or pass --models DIR", where)
         if decl.sha256:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 class Progress:
@@ -26,6 +26,22 @@ class Progress:
     def warn(self, text: str) -> None:
         """Warnings are shown even in pipes; --quiet hides them too."""
         self.line(f"warning: {text}")
+
+    def bytes_callback(self, label: str) -> Callable[[int], None]:
+        """A callback for transfers that report bytes as they move; draws `label 12.3 MiB` on terminals."""
+        moved = [0]
+
+        def on_bytes(n: int) -> None:
+            moved[0] += n
+            if not self.live:
+                return
+            now = time.monotonic()
+            if now - self._last >= 0.1:
+                self._last = now
+                self.stream.write(f"\r\x1b[2K  {label} {moved[0] / 2**20:.1f} MiB")
+                self.stream.flush()
+
+        return on_bytes
 
     def tensor(self, step: str, done: int, total: int, name: str) -> None:
         """A transient per-tensor bar, redrawn at most ten times a second, terminals only."""

@@ -33,7 +33,8 @@ from mergekit_sd.ops import load_ops
 from mergekit_sd.provenance.lineage import lineage_json, lineage_lines
 from mergekit_sd.provenance.record import CONTENT_DIGEST_KEY, SCHEMA_VERSION, read_provenance
 from mergekit_sd.provenance.recover import recipe_from_provenance, recover_recipe
-from mergekit_sd.recipe.load import parse_recipe
+from mergekit_sd.recipe.load import check_url, parse_recipe
+from mergekit_sd.remote.fetch import fetch, name_from_url
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A model file's `__metadata__` (safetensors only: legacy pickles carry none)."""
@@ -68,7 +69,7 @@ class ReproduceReport:
 
 
 def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.PathLike, keep: str | os.PathLike | None = None,
-              device: str = "cpu") -> ReproduceReport:
+              device: str = "cpu", fetch_missing: bool = False) -> ReproduceReport:
     """Rebuild `path` from its embedded recipe and verify it; raises UserError for missing inputs (exit 2) and
     VerifyError when the rebuilt model differs (exit 1, naming the first differing tensors)."""
     path = Path(path)
@@ -88,6 +89,11 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
     dirs = model_dirs(list(models))
     found, index = find_recorded(inputs, dirs, db)
     missing = [n for n in inputs if n not in found]
+    if missing and fetch_missing:
+        fetched = _fetch_recorded({n: inputs[n] for n in missing}, list(models), str(path))
+        more, _ = find_recorded({n: inputs[n] for n in fetched}, [fetched[n] for n in fetched], db)
+        found.update(more)
+        missing = [n for n in inputs if n not in found]
     if missing:
         parts = []
         for n in missing:
@@ -149,6 +155,20 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
     finally:
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _fetch_recorded(wanted: dict[str, dict[str, Any]], models: list[Path], where: str) -> dict[str, Path]:
+    """Download recorded inputs by their recorded url, verified by their recorded sha256, into the first --models folder."""
+    if not models:
+        raise UserError("--fetch needs --models DIR to download the inputs into", where)
+    out: dict[str, Path] = {}
+    for n, e in sorted(wanted.items()):
+        url, sha = e.get("url"), e.get("sha256")
+        if not url or not sha:
+            continue  # reported below as missing, with what is known of it
+        check_url(url, f"{where}: input {n!r}")
+        out[n] = fetch(url, Path(models[0]), e.get("file") or name_from_url(url), sha)
+    return out
 
 
 def _version_notes(prov: dict[str, Any]) -> list[str]:

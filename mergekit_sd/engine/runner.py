@@ -15,6 +15,7 @@ import torch
 from mergekit_sd.arch.detect import detect, model_kind
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.planner import NodeState, Planner
+from mergekit_sd.engine.remote_cache import RemoteCache
 from mergekit_sd.engine.store import materialise
 from mergekit_sd.errors import SdbuildError, StepError, UserError
 from mergekit_sd.formats.digests import canonical, legacy_hash
@@ -24,6 +25,7 @@ from mergekit_sd.lazy import LazyModel
 from mergekit_sd.ops import OpContext, get_op
 from mergekit_sd.provenance.record import NodeFacts, build_metadata, read_provenance
 from mergekit_sd.recipe.graph import build_order
+from mergekit_sd.remote.s3 import RemoteStore
 
 
 @dataclass
@@ -32,9 +34,13 @@ class BuildReport:
     fresh: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # per step: where its result came from, ...
+
+    def step(self, name: str, **facts: Any) -> None:
+        self.steps.setdefault(name, {}).update(facts)
 
     def as_json(self) -> dict[str, Any]:
-        return {"built": self.built, "fresh": self.fresh, "outputs": self.outputs}
+        return {"built": self.built, "fresh": self.fresh, "outputs": self.outputs, "steps": self.steps}
 
 
 
@@ -60,6 +66,9 @@ class Runner:
         self.states = planner.states
         self.keys = planner.keys
         self.device = _device(planner.options.device)
+        opts = planner.options
+        self.remote = RemoteCache(RemoteStore(opts.remote, opts.remote_endpoint, opts.remote_read_only), self.progress) \
+            if opts.remote else None
         if self.device.type == "cpu" and (os.cpu_count() or 1) > 1:
             # the writer thread hashes and writes while this thread computes: leave it a core
             torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
@@ -80,7 +89,8 @@ class Runner:
             m.label = f"step {name!r}"
         return annotate(m)
 
-    def build(self, targets: list[str] | None = None) -> BuildReport:
+    def build(self, targets: list[str] | None = None, compute: bool = True) -> BuildReport:
+        """Bring every target up to date; with `compute=False` (pull) stale steps may only come from the remote."""
         report = BuildReport()
         self.store.clean_tmp()
         order = build_order(self.recipe, self.graph, targets)
@@ -91,23 +101,47 @@ class Runner:
                 continue
             if st.state == "fresh":
                 report.fresh.append(name)
+                report.step(name, source="local")
                 self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: fresh")
                 continue
             key, ck = self.keys[name]
             with self.store.lock(key):
                 digest, _ = self.store.status(key)
-                if digest is None:
+                fetched = self.remote.fetch(self.store, name, key, ck) if digest is None and self.remote else None
+                if digest is not None:
+                    report.fresh.append(name)
+                    report.step(name, source="local")
+                elif fetched is not None:
+                    digest = fetched
+                    self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: downloaded from {self.remote.remote.url}")
+                    report.built.append(name)
+                    report.step(name, source="remote")
+                elif not compute:
+                    where = self.remote.remote.url if self.remote else "the remote (none given)"
+                    raise StepError(f"step {name!r} is not in {where}; build it with `sdbuild build` (pull never computes)")
+                else:
+                    source = "local" if self.store.find_compute(ck) else "computed"
                     self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: building ({st.reason})")
                     digest = self._run_step(name, key, ck, report)
                     report.built.append(name)
-                else:
-                    report.fresh.append(name)
+                    report.step(name, source=source)
             self.states[name] = NodeState(name, st.op, key, "fresh", "built", digest)
             step = self.recipe.steps[name]
             self.store.db.record_build(str(self.recipe.path), name, key, ck, canonical(step.params),
                                        canonical([self.states[r].digest for r in step.refs]))
         self._materialise(order, report)
+        if self.remote is not None:
+            self.push([self.keys[n][0] for n in order if n in self.recipe.steps])
+            report.warnings += self.remote.warnings
         return report
+
+    def push(self, keys: list[str]) -> tuple[int, int, int]:
+        """Upload the objects the remote lacks; says what moved."""
+        assert self.remote is not None
+        uploaded, nbytes, present = self.remote.push(self.store, keys)
+        if uploaded:
+            self.progress.line(f"uploaded {uploaded} object(s), {nbytes / 2**20:.1f} MiB, to {self.remote.remote.url}")
+        return uploaded, nbytes, present
 
     def _step_facts(self, name: str) -> NodeFacts:
         """Facts of an already built step, read from its object (used when a descendant records provenance)."""

@@ -18,8 +18,10 @@ from filelock import FileLock
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.state import StateDB, file_identity
 from mergekit_sd.errors import SdbuildError
-from mergekit_sd.formats.atomic import atomic_path
+from mergekit_sd.formats.atomic import atomic_path, fsync_dir, fsync_file
 from mergekit_sd.formats.safetensors import WriteResult
+
+READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH  # objects are never modified in place
 
 
 class Store:
@@ -68,12 +70,30 @@ class Store:
         with FileLock(str(self.root / "locks" / f"{key[:32]}.lock")):
             yield
 
+    def tmp_path(self, key: str) -> Path:
+        """Where an object for `key` is written (or downloaded) before it is renamed into place."""
+        return self.root / "tmp" / f"{key}.{os.getpid()}.partial"
+
+    def adopt(self, key: str, compute_key: str, tmp: Path, content_digest: str) -> None:
+        """Rename a verified temporary object into place (downloads; the caller has checked its digest)."""
+        final = self.object_path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fsync_file(tmp)
+            os.chmod(tmp, READ_ONLY)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        ident = file_identity(final)
+        self.db.remember(final, ident, content_digest, None)
+        self.db.put_object(key, compute_key, content_digest, ident[0])
+
     def put(self, key: str, compute_key: str, write: Callable[[Path], WriteResult]) -> WriteResult:
         """Write an object through a temporary file: a crash never leaves a half object under a real key."""
         final = self.object_path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.partial"
-        with atomic_path(final, tmp, mode=stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH) as path:
+        with atomic_path(final, self.tmp_path(key), mode=READ_ONLY) as path:
             result = write(path)
         self.db.remember(final, file_identity(final), result.content_digest, None)
         self.db.put_object(key, compute_key, result.content_digest, result.size)

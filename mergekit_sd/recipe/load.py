@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 from typing import Any, Mapping
 
 import yaml
@@ -202,6 +203,17 @@ def _float_safe(v: Any, where: str) -> None:
 # loading
 
 
+URL_SCHEMES = ("https", "http", "s3")
+
+
+def check_url(url: Any, where: str) -> str:
+    """An input URL sdbuild can download from (https, http or s3), else a one-line error at the recipe line."""
+    u = urlparse(url) if isinstance(url, str) else None
+    if u is None or u.scheme not in URL_SCHEMES or not u.netloc:
+        raise UserError(f"url {url!r} is not an https, http or s3 URL", where)
+    return url
+
+
 def check_relative_path(p: str, where: str, what: str = "output path") -> str:
     """Refuse absolute paths and `..`: a recipe from someone else must not write outside its directory."""
     if not isinstance(p, str) or not p.strip():
@@ -296,6 +308,8 @@ def parse_recipe(text: str, path: Path) -> Recipe:
             if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
                 raise UserError("sha256 must be 64 hexadecimal characters", where("inputs", iname, "sha256"))
             sha = sha.lower()
+        if "url" in spec:
+            check_url(spec["url"], where("inputs", iname, "url"))
         credits = {k: str(spec[k]) for k in ("author", "url", "prediction_type", "description") if k in spec}
         inputs[iname] = InputDecl(iname, p or "", sha, credits, lines.get(("inputs", iname), 0))
 

@@ -1,4 +1,4 @@
-"""AUTOMATIC1111 / supermerger hashes, metadata and recipe recovery (FORMATS.md §4)."""
+"""AUTOMATIC1111 / supermerger hashes, metadata and recipe recovery (docs/formats.md §4)."""
 
 from __future__ import annotations
 

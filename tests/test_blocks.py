@@ -1,4 +1,4 @@
-"""Block weights (FORMATS.md §3): key -> block rule sets on the full reference key lists, presets, lists, selectors,
+"""Block weights (docs/formats.md §3): key -> block rule sets on the full reference key lists, presets, lists, selectors,
 the 26 -> SDXL conversion, elemental syntax and include/exclude."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Architecture detection (FORMATS.md §1.3) and file kinds, from tensor names and shapes only."""
+"""Architecture detection (docs/formats.md §1.3) and file kinds, from tensor names and shapes only."""
 
 from __future__ import annotations
 

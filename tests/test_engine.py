@@ -74,7 +74,7 @@ def test_four_ops_match_their_formulas(tmp_path, model_dir, sdbuild):
 
 
 def test_worked_example_values(tmp_path, sdbuild):
-    """FORMATS.md §2.5 on one two-element tensor."""
+    """docs/formats.md §2.5 on one two-element tensor."""
     from safetensors.torch import save_file
 
     for n, v in (("a", [1.0, 2.0]), ("b", [3.0, 0.0]), ("c", [1.0, 1.0])):

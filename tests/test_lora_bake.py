@@ -1,7 +1,7 @@
 """`op: lora` against an independent reference: every format, both architectures, worked examples, errors.
 
 The reference below maps module names by repairing dotted paths (the way diffusers converts kohya names) and
-converting diffusers paths to LDM paths by the formulas of FORMATS.md §5.2 — a different route from the lookup
+converting diffusers paths to LDM paths by the formulas of docs/formats.md §5.2 — a different route from the lookup
 tables the op uses — and computes ΔW with its own einsum/kron expressions.
 """
 
@@ -306,7 +306,7 @@ def test_te_strength_and_lbw_list(tmp_path, model_dir, sdbuild):
     assert {0.3, 0.5, 0.25, 2.0, 0.0, 1.0, 0.75} <= seen
 
 
-# --- FORMATS.md §5.4 worked examples on one tensor --------------------------------------------------------------
+# --- docs/formats.md §5.4 worked examples on one tensor --------------------------------------------------------------
 
 Q = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 Q_MOD = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

@@ -1,4 +1,4 @@
-"""LoRA module-name lookup tables: FORMATS.md §5.1 counts and §5.2 worked mappings."""
+"""LoRA module-name lookup tables: docs/formats.md §5.1 counts and §5.2 worked mappings."""
 
 from __future__ import annotations
 

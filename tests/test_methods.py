@@ -1,4 +1,4 @@
-"""Every merge method against an independent computation (numpy, float64) on small tensors, FORMATS.md §2.5's worked
+"""Every merge method against an independent computation (numpy, float64) on small tensors, docs/formats.md §2.5's worked
 examples, the kernel's architecture and block-weight handling, and the recipe-level contracts end to end."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def rand(*shape) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# FORMATS.md §2.5 worked examples
+# docs/formats.md §2.5 worked examples
 
 A, B, C = T(1.0, 2.0), T(3.0, 0.0), T(1.0, 1.0)
 
@@ -186,7 +186,7 @@ def np_norm0(x):
 
 
 def np_cosine(models_a: dict, models_b: dict, alpha: float, variant: str) -> dict:
-    """Independent restatement of FORMATS.md §2.3 cosineA/cosineB (stage 0 over the whole model, then per key)."""
+    """Independent restatement of docs/formats.md §2.3 cosineA/cosineB (stage 0 over the whole model, then per key)."""
     s = []
     for k in models_a:
         if k.startswith("first_stage_model."):

@@ -1,6 +1,6 @@
 """Block-weighted merging (MBW): block lists, key -> block rule sets, presets, selectors, elemental and include/exclude.
 
-FORMATS.md §3. Which block a tensor belongs to differs between tools and their versions (SD1 `time_embed` is IN00,
+docs/formats.md §3. Which block a tensor belongs to differs between tools and their versions (SD1 `time_embed` is IN00,
 OUT11 or BASE depending on who you ask), so the mapping is a named, versioned rule set that a recipe may choose with
 `block_rule:` and that every output records in its provenance. Everything here works on tensor *names* only.
 """
@@ -28,7 +28,7 @@ _ORDER = {b: i for i, b in enumerate(SD_BLOCKS)}
 GROUPS = ("BASE", "IN", "M", "OUT", "VAE")
 
 # ---------------------------------------------------------------------------------------------------------------
-# key -> block rule sets (FORMATS.md §3.2)
+# key -> block rule sets (docs/formats.md §3.2)
 
 _IN_RE = re.compile(r"\.input_blocks\.(\d+)\.")
 _MID_RE = re.compile(r"\.middle_block\.(\d+)\.")
@@ -144,7 +144,7 @@ def blocks_for(family: str, *, vae: bool = False) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# presets and weight strings (FORMATS.md §3.4)
+# presets and weight strings (docs/formats.md §3.4)
 
 
 @lru_cache(maxsize=None)
@@ -183,7 +183,7 @@ def parse_weight_string(text: str, where: str | None = None) -> list[float]:
 
 
 def sd_to_sdxl(weights: list[float]) -> list[float]:
-    """A 26-value SD list (BASE first) as 20 SDXL values: keep IN00-IN08, M00, OUT00-OUT08 (FORMATS.md §3.1)."""
+    """A 26-value SD list (BASE first) as 20 SDXL values: keep IN00-IN08, M00, OUT00-OUT08 (docs/formats.md §3.1)."""
     base, tail = weights[0], weights[1:26]
     return [base] + tail[0:9] + tail[12:22]
 
@@ -306,7 +306,7 @@ def parse_selector(text: str, where: str | None = None, *, allow_regex: bool = T
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# elemental merge (FORMATS.md §3.5)
+# elemental merge (docs/formats.md §3.5)
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,7 @@ def elemental_value(entries: list[ElementalEntry], key: str, block: str | None, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# include / exclude (FORMATS.md §3.6)
+# include / exclude (docs/formats.md §3.6)
 
 ADJUST_KEYS = tuple(UNET + k for k in ("input_blocks.0.0.weight", "input_blocks.0.0.bias", "out.0.weight", "out.0.bias",
                                        "out.2.weight", "out.2.bias"))

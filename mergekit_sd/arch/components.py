@@ -66,7 +66,7 @@ class ArchGuess:
 
 
 def guess_arch(specs: Mapping[str, TensorSpec]) -> ArchGuess:
-    """The detected architecture (arch.detect, FORMATS §1.3) plus what key checks need: the reference list to compare
+    """The detected architecture (arch.detect, docs/formats.md §1.3) plus what key checks need: the reference list to compare
     against and the shrink factor of synthetic models (from `time_embed`, so shrunk files check against shrunk shapes)."""
     info = detect(specs)
     if not info.known:
@@ -210,7 +210,7 @@ def is_position_ids(key: str) -> bool:
 
 
 def broken_position_ids(t: torch.Tensor) -> list[int]:
-    """Indices whose id, read as int64 the way loaders do, is not its own position (FORMATS §1.9)."""
+    """Indices whose id, read as int64 the way loaders do, is not its own position (docs/formats.md §1.9)."""
     flat = t.reshape(-1)
     ids = flat.to(torch.int64) if not flat.dtype.is_floating_point else flat.to(torch.float64).trunc().to(torch.int64)
     want = torch.arange(flat.numel(), dtype=torch.int64)

@@ -1,6 +1,6 @@
 """Architecture detection from tensor names and shapes alone (no tensor data is read).
 
-Follows the marker order of FORMATS.md §1.3. Widths are compared when they are full size and otherwise ignored, so
+Follows the marker order of docs/formats.md §1.3. Widths are compared when they are full size and otherwise ignored, so
 shrunk synthetic models (tests, benchmarks) are recognised by their key layout the same way full models are.
 A UNet-only file (text encoder and VAE pruned away) is still recognised from the UNet's block layout.
 """
@@ -19,7 +19,7 @@ INPUT_CONV = UNET + "input_blocks.0.0.weight"
 SD1, SD2, SDXL, SDXL_REFINER, UNKNOWN = "sd1", "sd2", "sdxl", "sdxl-refiner", "unknown"
 ARCH_IDS = (SD1, SD2, SDXL, SDXL_REFINER, UNKNOWN)
 
-# ModelSpec `architecture` strings (FORMATS.md §4.5); variants use the spelling of the ModelSpec list where it has one
+# ModelSpec `architecture` strings (docs/formats.md §4.5); variants use the spelling of the ModelSpec list where it has one
 _MODELSPEC = {
     (SD1, None): "stable-diffusion-v1",
     (SD1, "inpainting"): "stable-diffusion-v1-inpainting",
@@ -35,7 +35,7 @@ _MODELSPEC = {
     (SDXL_REFINER, None): "stable-diffusion-xl-v1-refiner",
 }
 
-# which block list (FORMATS.md §3.1) an architecture's UNet follows: 12 input/output blocks -> the 26-block list
+# which block list (docs/formats.md §3.1) an architecture's UNet follows: 12 input/output blocks -> the 26-block list
 BLOCK_FAMILY = {SD1: "sd", SD2: "sd", SDXL_REFINER: "sd", SDXL: "sdxl"}
 
 
@@ -102,7 +102,7 @@ def _unet_only(specs: Mapping[str, TensorSpec]) -> str | None:
 
 
 def detect(specs: Mapping[str, TensorSpec]) -> ArchInfo:
-    """Detect the architecture of a checkpoint from its `{name: TensorSpec}` map (FORMATS.md §1.3 order)."""
+    """Detect the architecture of a checkpoint from its `{name: TensorSpec}` map (docs/formats.md §1.3 order)."""
     keys = specs.keys()
     if "conditioner.embedders.1.model.ln_final.weight" in keys or any(
             k.startswith("conditioner.embedders.1.model.") for k in keys):

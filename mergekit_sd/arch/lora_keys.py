@@ -1,11 +1,11 @@
-"""LoRA module name -> checkpoint key lookup tables, one per architecture (FORMATS.md §5.1, §5.2).
+"""LoRA module name -> checkpoint key lookup tables, one per architecture (docs/formats.md §5.1, §5.2).
 
 Module names replace every `.` of a path by `_`, and real paths contain underscores (`transformer_blocks`,
 `to_out_0`, `in_layers_2`), so a name cannot be split back into a path. Instead every weight of the target layout
 is enumerated, each of its possible module names is computed (diffusers-style and SGM-style UNet names, HF CLIP
 names for both CLIP-L and OpenCLIP encoders) and the mapping is inverted. SD1 and SDXL enumerate their reference
 key lists; SD2 has no reference list, so its table takes the SD1 UNet names (same layout) and generates the
-OpenCLIP ViT-H text encoder (24 blocks, FORMATS.md §1.5).
+OpenCLIP ViT-H text encoder (24 blocks, docs/formats.md §1.5).
 """
 
 from __future__ import annotations

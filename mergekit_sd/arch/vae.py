@@ -13,7 +13,7 @@ KNOWN_VAE_FINGERPRINTS = {0: "SD-v1 (kl-f8)", 869: "SD-v2", 2982: "NAI", 155: "W
 
 
 def vae_fingerprint(model: LazyModel, vae_keys: list[str]) -> int | None:
-    """The model toolkit's VAE "metric" (FORMATS §1.7): identifies well-known VAEs (SD-v1 0, NAI 2982, ...)."""
+    """The model toolkit's VAE "metric" (docs/formats.md §1.7): identifies well-known VAEs (SD-v1 0, NAI 2982, ...)."""
     total = 0.0
     seen = False
     for k in vae_keys:

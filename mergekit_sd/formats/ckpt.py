@@ -140,7 +140,7 @@ def unwrap_state_dict(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], li
 
 
 def legacy_renames(names) -> dict[str, str]:
-    """old name -> new name for NovelAI CLIP aliases and SD 2.1-Turbo SGM naming (FORMATS §1.2)."""
+    """old name -> new name for NovelAI CLIP aliases and SD 2.1-Turbo SGM naming (docs/formats.md §1.2)."""
     names = set(names)
     out: dict[str, str] = {}
     for n in names:

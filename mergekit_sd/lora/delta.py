@@ -1,4 +1,4 @@
-"""ΔW of every supported algorithm, scale rules and DoRA (FORMATS.md §5.3, §5.4), as pure fp32 functions.
+"""ΔW of every supported algorithm, scale rules and DoRA (docs/formats.md §5.3, §5.4), as pure fp32 functions.
 
 Shapes are inferred from tensor specs too (`delta_shape`), so a bake can check that every module fits its target
 before any tensor is read.
@@ -83,7 +83,7 @@ def dora_weight(w: Tensor, scaled_delta: Tensor, magnitude: Tensor, convention: 
 
 
 def dora_convention(shape: Sequence[int], out: int, inp: int) -> str | None:
-    """Per-input or per-output magnitude, decided by shape (FORMATS.md §5.3); None when it cannot be told."""
+    """Per-input or per-output magnitude, decided by shape (docs/formats.md §5.3); None when it cannot be told."""
     shape = tuple(shape)
     if len(shape) == 1:
         return "output" if shape[0] == out else None

@@ -1,6 +1,6 @@
 """LoRA / LyCORIS file parsing into one canonical form: module name (kohya style) -> algorithm + tensor keys.
 
-Formats are told apart per module by the tensor suffixes it carries (FORMATS.md §5.3, §5.5): kohya LoRA/LoCon
+Formats are told apart per module by the tensor suffixes it carries (docs/formats.md §5.3, §5.5): kohya LoRA/LoCon
 (`lora_down`/`lora_up`, Tucker `lora_mid`), LoHa (`hada_*`), LoKr (`lokr_*`), full (`diff`, `diff_b`), norm
 (`w_norm`, `b_norm`), IA3 (`weight`, `on_input`), DoRA on top of any of these (`dora_scale`, PEFT
 `lora_magnitude_vector`), and diffusers/PEFT names (`lora_A`/`lora_B` under `unet.`, `text_encoder.`,
@@ -183,7 +183,7 @@ def parse_lora(specs: Mapping[str, TensorSpec], label: str, te1: str = "lora_te"
 # --- architecture a LoRA was made for --------------------------------------------------------------------------
 
 def declared_arch(metadata: Mapping[str, str]) -> tuple[str | None, str]:
-    """(sd1 | sd2 | sdxl | other family | None, why) from kohya `ss_*` and ModelSpec metadata (FORMATS.md §4.6)."""
+    """(sd1 | sd2 | sdxl | other family | None, why) from kohya `ss_*` and ModelSpec metadata (docs/formats.md §4.6)."""
     base = (metadata.get("ss_base_model_version") or "").strip()
     if base:
         low = base.lower()

@@ -1,6 +1,6 @@
 """LoRA strengths as written in recipes: a number, LoRA block-weight (LBW) lists, or block-weight mappings.
 
-LBW lists (FORMATS.md §3.1) are expanded here to block mappings; blocks a short list does not name get 1, as in
+LBW lists (docs/formats.md §3.1) are expanded here to block mappings; blocks a short list does not name get 1, as in
 kohya's and the A1111 LBW extension's expansion. Mappings, presets and numbers are weights like any other and
 resolve through `weights.compile_weight`.
 """

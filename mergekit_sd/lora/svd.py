@@ -1,4 +1,4 @@
-"""Low-rank factoring of a weight difference (FORMATS.md §5.6 c, §5.7): deterministic fp64 SVD on the CPU."""
+"""Low-rank factoring of a weight difference (docs/formats.md §5.6 c, §5.7): deterministic fp64 SVD on the CPU."""
 
 from __future__ import annotations
 

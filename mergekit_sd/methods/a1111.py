@@ -1,4 +1,4 @@
-"""AUTOMATIC1111's legacy interpolation methods (FORMATS.md §2.1): a weighted sum with a reshaped multiplier.
+"""AUTOMATIC1111's legacy interpolation methods (docs/formats.md §2.1): a weighted sum with a reshaped multiplier.
 
 `Weighted sum` and `Add difference` are the `weighted_sum` and `add_difference` methods.
 """

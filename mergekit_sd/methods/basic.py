@@ -1,4 +1,4 @@
-"""The four merge modes every web-UI merger has (FORMATS.md §2.2)."""
+"""The four merge modes every web-UI merger has (docs/formats.md §2.2)."""
 
 from __future__ import annotations
 

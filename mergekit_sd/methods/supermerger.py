@@ -1,4 +1,4 @@
-"""supermerger's calcmodes as methods (FORMATS.md §2.3), with its exact per-key definitions.
+"""supermerger's calcmodes as methods (docs/formats.md §2.3), with its exact per-key definitions.
 
 smoothAdd MT is smoothAdd computed in a thread pool; the result is the same, so it is `smooth_add` here.
 """

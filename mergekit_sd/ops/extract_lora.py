@@ -1,4 +1,4 @@
-"""`op: extract_lora` — a kohya-format LoRA of `tuned − base` (FORMATS.md §5.7).
+"""`op: extract_lora` — a kohya-format LoRA of `tuned − base` (docs/formats.md §5.7).
 
 The module set is kohya's default (transformer Linear/1x1 layers and CLIP attention/MLP; with `conv_rank` also
 the ResBlock, downsample and upsample layers). Per module: ΔW = tuned − base in fp64, SVD on the CPU, up = U·S

@@ -1,4 +1,4 @@
-"""`op: lora` — bake LoRA / LyCORIS files into a checkpoint (FORMATS.md §5).
+"""`op: lora` — bake LoRA / LyCORIS files into a checkpoint (docs/formats.md §5).
 
 Everything that can go wrong is decided in `build` from names, shapes and metadata: a LoRA made for another
 architecture fails before any tensor is read; every module must map to a key of this model and fit its shape

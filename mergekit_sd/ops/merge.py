@@ -2,12 +2,12 @@
 
 Per tensor: non-float tensors and CLIP `position_ids` are copied from the first model, never interpolated;
 keys missing from another model follow `on_missing`; shapes must agree except the inpainting/pix2pix dim-1 rule
-(FORMATS.md §2.4); math runs in fp32 on the chosen device and is rounded once to the output dtype; a non-finite
+(docs/formats.md §2.4); math runs in fp32 on the chosen device and is rounded once to the output dtype; a non-finite
 result fails the step naming the tensor.
 
 Before any tensor is read: every input's architecture is detected from its header and two different architectures
 stop the step naming both files; block weights, `elemental`, `include` and `exclude` are resolved to one value (or
-"not merged") per tensor with the step's `block_rule` (FORMATS.md §3), so an uncovered tensor or an out-of-range
+"not merged") per tensor with the step's `block_rule` (docs/formats.md §3), so an uncovered tensor or an out-of-range
 weight is reported as a recipe error, not halfway through a build.
 """
 

@@ -1,4 +1,4 @@
-"""`op: merge_loras` — several LoRAs into one, linearly in each strength (FORMATS.md §5.6 c).
+"""`op: merge_loras` — several LoRAs into one, linearly in each strength (docs/formats.md §5.6 c).
 
 `mode: concat` is exact: plain LoRA modules are concatenated along the rank (strength·scale folded into the up
 factor, alpha = total rank), so baking the result equals baking the inputs one after another; a layer that any

@@ -1,6 +1,6 @@
 """`op: prune` — a clean release: drop EMA (or promote it), junk and leftovers, unwanted components; repair CLIP ids.
 
-What stays is decided from the key classification of `arch.components` (FORMATS §1.8, §1.11). Every removal is
+What stays is decided from the key classification of `arch.components` (docs/formats.md §1.8, §1.11). Every removal is
 counted (tensors and exact bytes) per category in the step's log and provenance. Prediction markers are kept by
 default (they carry v-prediction / zero-terminal-SNR, which no shape reveals); scheduler buffers are dropped by
 default (loaders rebuild them from the config). Tensors that stay are passed through untouched, byte for byte,

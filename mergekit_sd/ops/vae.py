@@ -1,7 +1,7 @@
 """`op: vae` — bake a VAE into a checkpoint, replacing exactly its `first_stage_model.*` tensors.
 
 The VAE may come as a standalone file (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`), as a full
-checkpoint (its `first_stage_model.*`), or in diffusers layout (converted per FORMATS §1.7, with the 2-D mid-block
+checkpoint (its `first_stage_model.*`), or in diffusers layout (converted per docs/formats.md §1.7, with the 2-D mid-block
 attention weights reshaped to 1x1 convolutions). Unlike A1111, which silently ignores names it cannot match, all
 248 reference VAE keys must be found with the right shapes, else the step fails naming what is missing. Tensors
 take the dtype of the model's existing VAE (or of its UNet when it has none); every other tensor passes through

@@ -3,7 +3,7 @@
 Most merged models on the web carry AUTOMATIC1111's `sd_merge_recipe` / `sd_merge_models` metadata (or
 supermerger's variant of it). This module reads those fields exactly as AUTOMATIC1111 does (a value is
 JSON-decoded only when it starts with `{`) into a `MergeRecord` mapped onto our ops, and writes the same fields
-for our outputs so those tools can display and propagate them (FORMATS.md §4). Their file hashes live in
+for our outputs so those tools can display and propagate them (docs/formats.md §4). Their file hashes live in
 `mergekit_sd.formats.digests`; turning a record back into a recipe is `provenance.recover`.
 """
 
@@ -310,7 +310,7 @@ def _parse_supermerger(r: Mapping[str, Any], table: Mapping[str, ModelRef]) -> M
             items = [str(x).strip() for x in v if str(x).strip() and str(x).strip() != "print"]  # `print` is a debug switch
             if items:
                 params[inex.lower()] = items
-    # supermerger copies keys present in B but missing from A into the output (FORMATS.md §2.2 stage 2)
+    # supermerger copies keys present in B but missing from A into the output (docs/formats.md §2.2 stage 2)
     if arity >= 2:
         params["on_missing"] = "take_b"
     known = {"type", "weights_alpha", "weights_beta", "weights_alpha_orig", "weights_beta_orig", "model_a", "model_b", "model_c",
@@ -354,7 +354,7 @@ def _block_list(v: Any) -> list[float] | None:
 
 def _webui_record(shas: Sequence[str | None], interp: str, multiplier: float, half: bool, custom_name: str,
                   bake_in_vae: str = "None") -> dict[str, Any]:
-    """AUTOMATIC1111's `sd_merge_recipe`, field for field in its order (FORMATS.md §4.2)."""
+    """AUTOMATIC1111's `sd_merge_recipe`, field for field in its order (docs/formats.md §4.2)."""
     return {
         "type": "webui",
         "primary_model_hash": shas[0],

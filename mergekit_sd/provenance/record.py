@@ -214,7 +214,7 @@ def _limit(table: dict[str, Any]) -> dict[str, Any]:
 
 
 def a1111_fields(me: NodeFacts, by: Mapping[str, NodeFacts]) -> dict[str, str]:
-    """AUTOMATIC1111's `sd_merge_recipe` / `sd_merge_models` for a step (FORMATS.md §4.2/§4.3)."""
+    """AUTOMATIC1111's `sd_merge_recipe` / `sd_merge_models` for a step (docs/formats.md §4.2/§4.3)."""
     if me.kind != "step":
         return {}
     refs = [by[r] for r in me.refs if r in by]

@@ -51,7 +51,7 @@ def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema
             shape = (shape[0], 9) + shape[2:]
         specs[name] = TensorSpec(torch.int64 if e["dtype"] == "int64" else fdt, shape)
         if broken_position_ids and name.endswith("position_ids"):
-            specs[name] = TensorSpec(torch.float32, shape)  # what naive merges leave behind (FORMATS §1.9)
+            specs[name] = TensorSpec(torch.float32, shape)  # what naive merges leave behind (docs/formats.md §1.9)
     if ema:
         for name in [n for n in specs if n.startswith("model.diffusion_model.")]:
             specs[ema_name(name)] = specs[name]

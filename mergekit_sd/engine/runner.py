@@ -19,6 +19,7 @@ from mergekit_sd.engine.store import materialise
 from mergekit_sd.errors import SdbuildError, StepError, UserError
 from mergekit_sd.formats.digests import canonical, legacy_hash
 from mergekit_sd.formats.open import open_model
+from mergekit_sd.formats.prefetch import default_workers, intra_op_threads
 from mergekit_sd.formats.safetensors import SafetensorsFile, read_header, write_model
 from mergekit_sd.lazy import LazyModel
 from mergekit_sd.ops import OpContext, get_op
@@ -60,9 +61,10 @@ class Runner:
         self.states = planner.states
         self.keys = planner.keys
         self.device = _device(planner.options.device)
-        if self.device.type == "cpu" and (os.cpu_count() or 1) > 1:
-            # the writer thread hashes and writes while this thread computes: leave it a core
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        self.workers = default_workers()
+        if self.device.type == "cpu":
+            # tensors are computed on `workers` threads at once: each gets a share of the cores, not all of them
+            torch.set_num_threads(intra_op_threads(self.workers))
 
     def input_path(self, name: str) -> Path:
         return self.planner.input_path(name)
@@ -173,7 +175,7 @@ class Runner:
             self.progress.tensor(name, counter[0], total, tname)
 
         try:
-            result = self.store.put(key, ck, lambda tmp: write_model(tmp, model, metadata, on_tensor=on_tensor))
+            result = self.store.put(key, ck, lambda tmp: write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers))
         except SdbuildError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as e:

@@ -175,7 +175,8 @@ class Runner:
             self.progress.tensor(name, counter[0], total, tname)
 
         try:
-            result = self.store.put(key, ck, lambda tmp: write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers))
+            result = self.store.put(key, ck, lambda tmp: write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers,
+                                                                  fsync=self.store.must_fsync))
         except SdbuildError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as e:

@@ -2,6 +2,10 @@
 
 Layout under the cache directory: `objects/ab/<key>.safetensors` (read-only once written), `tmp/` for
 objects being written, `locks/` for per-key locks, `state.db` for memoised digests and object records.
+
+Objects are not fsynced where the kernel has a boot id: an object records the boot it was written under, and one
+from an earlier boot (its bytes may have been lost with the page cache) is read back whole and checked against its
+recorded digest before its first use; a mismatch rebuilds it.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from typing import Callable, Iterator
 
 from filelock import FileLock
 
+from mergekit_sd.engine.boot import boot_id
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.state import StateDB, file_identity
 from mergekit_sd.errors import SdbuildError
 from mergekit_sd.formats.atomic import atomic_path
-from mergekit_sd.formats.safetensors import WriteResult
+from mergekit_sd.formats.safetensors import WriteResult, file_content_digest
 
 
 class Store:
@@ -28,6 +33,12 @@ class Store:
         for sub in ("objects", "tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.db = StateDB(self.root)
+        self.boot = boot_id()
+
+    @property
+    def must_fsync(self) -> bool:
+        """Objects are fsynced only where no boot id tells a reboot apart (see engine.boot)."""
+        return self.boot is None
 
     def object_path(self, key: str) -> Path:
         return self.root / "objects" / key[:2] / f"{key}.safetensors"
@@ -46,14 +57,21 @@ class Store:
         if rec is None or not path.exists():
             return None, "never built" if rec is None else "object missing from the cache"
         _, digest, size = rec
+        written_under = self.db.object_boot(key)
+        unflushed = written_under is not None and written_under != self.boot
         try:
             if file_identity(path)[0] != size:
                 return None, "object damaged"
-            actual, _ = digest_file(path, self.db, want_sha256=False)
+            if unflushed:  # written without fsync before a reboot: read every byte back, not the memo
+                actual, _ = file_content_digest(path, with_sha256=False)
+            else:
+                actual, _ = digest_file(path, self.db, want_sha256=False)
         except (OSError, SdbuildError):
             return None, "object damaged"
         if actual != digest:
             return None, "object damaged"
+        if unflushed:
+            self.db.mark_durable(key)
         return digest, "fresh"
 
     def find_compute(self, compute_key: str) -> str | None:
@@ -73,10 +91,10 @@ class Store:
         final = self.object_path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.root / "tmp" / f"{key}.{os.getpid()}.partial"
-        with atomic_path(final, tmp, mode=stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH) as path:
+        with atomic_path(final, tmp, mode=stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH, sync=self.must_fsync) as path:
             result = write(path)
         self.db.remember(final, file_identity(final), result.content_digest, None)
-        self.db.put_object(key, compute_key, result.content_digest, result.size)
+        self.db.put_object(key, compute_key, result.content_digest, result.size, self.boot)
         return result
 
     def clean_tmp(self) -> int:

@@ -15,12 +15,13 @@ import torch
 from mergekit_sd.arch.detect import detect, model_kind
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.planner import NodeState, Planner
+from mergekit_sd.engine.space import require, same_filesystem
 from mergekit_sd.engine.store import materialise
 from mergekit_sd.errors import SdbuildError, StepError, UserError
 from mergekit_sd.formats.digests import canonical, legacy_hash
 from mergekit_sd.formats.open import open_model
 from mergekit_sd.formats.prefetch import default_workers, intra_op_threads
-from mergekit_sd.formats.safetensors import SafetensorsFile, read_header, write_model
+from mergekit_sd.formats.safetensors import SafetensorsFile, header_size, read_header, write_model
 from mergekit_sd.lazy import LazyModel
 from mergekit_sd.ops import OpContext, get_op
 from mergekit_sd.provenance.record import NodeFacts, build_metadata, read_provenance
@@ -174,6 +175,7 @@ class Runner:
             counter[0] += 1
             self.progress.tensor(name, counter[0], total, tname)
 
+        self._require_space(name, header_size(model, metadata))
         try:
             result = self.store.put(key, ck, lambda tmp: write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers,
                                                                   fsync=self.store.must_fsync))
@@ -183,8 +185,24 @@ class Runner:
             raise StepError(f"step {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         return result.content_digest
 
+    def _require_space(self, name: str, size: int) -> None:
+        """Before a step writes: room for its object in the cache, and for its outputs where they must be copies."""
+        needs = {self.store.root / "tmp": size}
+        rels = self.recipe.outputs.get(name, [])
+        if rels and not same_filesystem(self.store.root, self.planner.out_dir()):
+            needs[self.planner.out_dir()] = size * len(rels)
+        require(needs, f"step {name!r}")
+
     def _materialise(self, order: list[str], report: BuildReport) -> None:
         base = self.planner.out_dir()
+        copies = 0
+        for node, rels in self.recipe.outputs.items():
+            if node in order:
+                src = self.input_path(node) if node in self.recipe.inputs else self.store.object_path(self.keys[node][0])
+                if not same_filesystem(src.parent, base):
+                    copies += src.stat().st_size * len(rels)
+        if copies:
+            require({base: copies}, "copying the outputs")
         base.mkdir(parents=True, exist_ok=True)
         real_base = os.path.realpath(base)
         for node, rels in self.recipe.outputs.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +24,7 @@ from mergekit_sd.engine.boot import boot_id
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.state import StateDB, file_identity
 from mergekit_sd.errors import SdbuildError
-from mergekit_sd.formats.atomic import atomic_path
+from mergekit_sd.formats.atomic import atomic_path, fsync_dir, fsync_file
 from mergekit_sd.formats.safetensors import WriteResult, file_content_digest
 
 
@@ -93,6 +94,28 @@ class Store:
         tmp = self.root / "tmp" / f"{key}.{os.getpid()}.partial"
         with atomic_path(final, tmp, mode=stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH, sync=self.must_fsync) as path:
             result = write(path)
+        self.db.remember(final, file_identity(final), result.content_digest, None)
+        self.db.put_object(key, compute_key, result.content_digest, result.size, self.boot)
+        return result
+
+    def put_late(self, write: Callable[[Path], WriteResult], keys: Callable[[], tuple[str, str]]) -> WriteResult:
+        """Like `put`, for an object whose (key, compute key) is known only once it is written (its inputs were
+        hashed by the reads that computed it): `keys` is asked after `write` returns."""
+        tmp = self.root / "tmp" / f"new-{uuid.uuid4().hex}.{os.getpid()}.partial"
+        try:
+            result = write(tmp)
+            key, compute_key = keys()
+            final = self.object_path(key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if self.must_fsync:
+                fsync_file(tmp)
+            os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.replace(tmp, final)
+            if self.must_fsync:
+                fsync_dir(final.parent)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
         self.db.remember(final, file_identity(final), result.content_digest, None)
         self.db.put_object(key, compute_key, result.content_digest, result.size, self.boot)
         return result

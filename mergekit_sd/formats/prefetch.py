@@ -29,8 +29,10 @@ def default_workers() -> int:
 
 
 def intra_op_threads(workers: int) -> int:
-    """torch threads per compute thread, so that workers x torch threads does not oversubscribe the cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    """torch threads per compute thread: one. The cores are used by running tensors side by side, so results
+    never depend on how many threads one torch call was split over (LAPACK's SVD rounds differently), and
+    workers x torch threads never oversubscribes the cores."""
+    return 1
 
 
 def batches(model: LazyModel, names: list[str], batch_bytes: int = BATCH_BYTES) -> list[list[str]]:
@@ -63,7 +65,9 @@ def produce_ahead(model: LazyModel, names: list[str], workers: int | None = None
         return
     groups = batches(model, names)
     sizes = [sum(model.spec(n).nbytes for n in g) for g in groups]
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="sdbuild-compute")
+    # torch's thread count is per thread: workers take the caller's (a fresh thread would use every core)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="sdbuild-compute", initializer=torch.set_num_threads,
+                              initargs=(torch.get_num_threads(),))
     pending: deque[tuple[int, Future]] = deque()
     nxt = 0
     waiting = 0  # bytes submitted and not yet handed to the consumer

@@ -134,6 +134,7 @@ class SafetensorsFile:
         if 8 + n > self.size:
             raise UserError(f"truncated safetensors file: header length {n} runs past the end of the file ({self.size} bytes)", where)
         raw = _pread_all(self._fd, n, 8)
+        self.header_bytes = head + raw  # the file's first bytes, for hashing it without reading them again
         if not raw.lstrip(b" ").startswith(b"{"):
             raise UserError("not a safetensors file: header does not start with '{'", where)
         try:

@@ -217,7 +217,7 @@ class Runner:
 
             def write(tmp: Path):
                 return write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers,
-                                   fsync=self.store.must_fsync, final_metadata=settled if key is None else None)
+                                   final_metadata=settled if key is None else None)
 
             try:
                 if key is None:
@@ -288,7 +288,7 @@ class Runner:
                 if os.path.commonpath([real_base, real]) != real_base:
                     raise UserError(f"output {rel!r} resolves outside {base} (through a link); refusing to write there",
                                     self.recipe.where("outputs", node))
-                materialise(Path(src), target)
+                materialise(Path(src), target, sync=self.store.must_fsync)
                 report.outputs[node] = str(target)
                 self.progress.line(f"wrote {target}")
 

@@ -176,15 +176,18 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def materialise(obj: Path, target: Path) -> str:
-    """Put an object at an output path by hard link (else copy), atomically. Returns "link", "copy" or "same"."""
+def materialise(obj: Path, target: Path, sync: bool = True) -> str:
+    """Put an object at an output path by hard link (else copy), atomically. Returns "link", "copy" or "same".
+
+    `sync=False` (the store verifies objects after a reboot): a link shares the verified object's bytes, and a copy
+    is made again by the next build after a reboot, because no-op stamps do not outlive a boot."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         if target.exists() and os.path.samefile(obj, target):
             return "same"
     except OSError:
         pass
-    with atomic_path(target) as tmp:
+    with atomic_path(target, sync=sync) as tmp:
         try:
             os.link(obj, tmp)
             how = "link"

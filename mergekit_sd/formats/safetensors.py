@@ -332,7 +332,6 @@ def write_model(
     final_metadata: Callable[[], Mapping[str, str]] | None = None,
     workers: int | None = None,
     window: int = DEFAULT_WINDOW,
-    fsync: bool = True,
 ) -> WriteResult:
     """Stream `model` into a new safetensors file at `path` (which the caller renames into place).
 
@@ -342,7 +341,7 @@ def write_model(
     header's space, and a header that came out a different length is moved into place at the end.
     Producing runs on `workers` threads ahead of the writer (in name order, at most `window` bytes waiting);
     writing (with the content digest) and the buffer sha256 run on two more, so computation, hashing and the disk
-    overlap. `fsync=False` leaves flushing to the kernel (the store re-verifies unflushed objects after a reboot).
+    overlap. Nothing is fsynced here: durability is the caller's (see formats.atomic and the store).
     """
     names = model.keys()
     specs = {n: model.spec(n) for n in names}
@@ -394,15 +393,12 @@ def write_model(
         if len(final) == len(hbytes):
             f.seek(8)
             f.write(final)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
     if len(final) != len(hbytes):
-        _move_data(Path(path), 8 + len(hbytes), final, fsync)
+        _move_data(Path(path), 8 + len(hbytes), final)
     return WriteResult(content, buf_sha, digests, os.path.getsize(path))
 
 
-def _move_data(path: Path, data_start: int, header: bytes, fsync: bool) -> None:
+def _move_data(path: Path, data_start: int, header: bytes) -> None:
     """Rewrite `path` with a header of another length in front of the same tensor bytes."""
     tmp = path.with_name(path.name + ".relayout")
     try:
@@ -411,9 +407,6 @@ def _move_data(path: Path, data_start: int, header: bytes, fsync: bool) -> None:
             dst.write(header)
             src.seek(data_start)
             shutil.copyfileobj(src, dst, 16 << 20)
-            dst.flush()
-            if fsync:
-                os.fsync(dst.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -26,7 +26,7 @@ from mergekit_sd.formats.safetensors import (
 )
 from mergekit_sd.lazy import LazyModel
 
-HOLD_LIMIT = 256 << 20
+HOLD_LIMIT = 64 << 20  # per input: past this the sha256 finishes with an in-order read (from the page cache)
 SEQUENTIAL_CHUNK = 16 << 20
 
 
@@ -49,7 +49,7 @@ class HashingReader:
         self._held: dict[int, tuple[int, memoryview, torch.Tensor]] = {}
         self._held_bytes = 0
         self._sequential = False  # too much waited: finish the sha256 by reading in order
-        self._q: queue.Queue = queue.Queue(maxsize=16)
+        self._q: queue.Queue = queue.Queue(maxsize=4)
         self._failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, name="sdbuild-input-hash", daemon=True)
         self._thread.start()

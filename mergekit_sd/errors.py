@@ -37,3 +37,9 @@ def did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class SpaceError(SdbuildError):
+    """A folder lacks the free space a build needs; found before anything is written: exit code 1."""
+
+    exit_code = 1

@@ -19,6 +19,7 @@ from mergekit_sd.engine.keys import compute_key, object_key
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.options import Options, model_dirs
 from mergekit_sd.engine.progress import Progress
+from mergekit_sd.engine.state import file_identity
 from mergekit_sd.engine.store import Store
 from mergekit_sd.errors import UserError
 from mergekit_sd.formats.digests import canonical
@@ -56,6 +57,8 @@ class Planner:
         self.states: dict[str, NodeState] = {}
         self.keys: dict[str, tuple[str, str]] = {}  # step -> (object key, compute key)
         self._paths: dict[str, Path] = {}
+        # set by a build: an input never hashed before is hashed by the reads of the first step that uses it
+        self.hash_while_reading = False
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 
@@ -96,6 +99,24 @@ class Planner:
         self._paths[name] = found
         return found
 
+    def hashed_while_read(self, name: str) -> bool:
+        """Whether the build takes this input's digests from its first read instead of hashing it now: a
+        safetensors file with no pin and no memoised digest under its path (a known path whose file changed is
+        hashed now, so that an unchanged copy or a touched file still reuses what is built)."""
+        if not self.hash_while_reading or name in self.facts or self.recipe.inputs[name].sha256:
+            return False
+        path = self.input_path(name)
+        return path.suffix.lower() == ".safetensors" and self.store.db.memo(path.resolve()) is None
+
+    def learn_input(self, name: str, digest: str, sha256: str) -> None:
+        """Digests of an input hashed while a step read it: memoised, and its dependants can now be keyed."""
+        path = self.input_path(name)
+        p = path.resolve()
+        self.store.db.remember(p, file_identity(p), digest, sha256)
+        decl = self.recipe.inputs[name]
+        self.facts[name] = NodeFacts(name=name, kind="input", digest=digest, sha256=sha256, file=path.name, credits=dict(decl.credits))
+        self.states[name] = NodeState(name, "input", digest, "input", "input file", digest)
+
     def input_facts(self, name: str) -> NodeFacts:
         if name not in self.facts:
             decl = self.recipe.inputs[name]
@@ -124,6 +145,10 @@ class Planner:
 
     def plan_node(self, name: str) -> NodeState:
         if name in self.recipe.inputs:
+            if self.hashed_while_read(name):
+                st = NodeState(name, "input", None, "input", "new input file (hashed as it is read)")
+                self.states[name] = st
+                return st
             f = self.input_facts(name)
             st = NodeState(name, "input", f.digest, "input", "input file", f.digest)
             self.states[name] = st
@@ -132,7 +157,8 @@ class Planner:
         op = get_op(step.op)
         pending = [r for r in step.refs if self.states.get(r) is None or self.states[r].digest is None]
         if pending:
-            st = NodeState(name, step.op, None, "stale", f"input {pending[0]!r} will be rebuilt")
+            new = pending[0] in self.recipe.inputs  # a file never hashed: nothing can have been built from it
+            st = NodeState(name, step.op, None, "stale", "never built" if new else f"input {pending[0]!r} will be rebuilt")
             self.states[name] = st
             return st
         digests = [self.states[r].digest for r in step.refs]

@@ -5,7 +5,9 @@ sees as warnings and provenance keeps.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,15 @@ from mergekit_sd.arch.detect import detect, model_kind
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.planner import NodeState, Planner
 from mergekit_sd.engine.remote_cache import RemoteCache
+from mergekit_sd.engine.space import require, same_filesystem
 from mergekit_sd.engine.store import materialise
 from mergekit_sd.errors import SdbuildError, StepError, UserError
-from mergekit_sd.formats.digests import canonical, legacy_hash
+from mergekit_sd.formats.ckpt import rename_model
+from mergekit_sd.formats.hashread import HashingReader
+from mergekit_sd.formats.digests import canonical, hash_text, legacy_hash
 from mergekit_sd.formats.open import open_model
-from mergekit_sd.formats.safetensors import SafetensorsFile, read_header, write_model
+from mergekit_sd.formats.prefetch import default_workers, intra_op_threads
+from mergekit_sd.formats.safetensors import SafetensorsFile, header_size, read_header, write_model
 from mergekit_sd.lazy import LazyModel
 from mergekit_sd.ops import OpContext, get_op
 from mergekit_sd.provenance.record import NodeFacts, build_metadata, read_provenance
@@ -66,12 +72,16 @@ class Runner:
         self.states = planner.states
         self.keys = planner.keys
         self.device = _device(planner.options.device)
+        self.workers = default_workers()
+        planner.hash_while_reading = True
+        self._hashing: dict[str, HashingReader] = {}  # inputs the running step hashes as it reads them
+        self._pending: dict[str, NodeFacts] = {}  # their facts until the digests are known
+        if self.device.type == "cpu":
+            # tensors are computed on `workers` threads at once: each gets a share of the cores, not all of them
+            torch.set_num_threads(intra_op_threads(self.workers))
         opts = planner.options
         self.remote = RemoteCache(RemoteStore(opts.remote, opts.remote_endpoint, opts.remote_read_only), self.progress) \
             if opts.remote else None
-        if self.device.type == "cpu" and (os.cpu_count() or 1) > 1:
-            # the writer thread hashes and writes while this thread computes: leave it a core
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
     def input_path(self, name: str) -> Path:
         return self.planner.input_path(name)
@@ -80,7 +90,12 @@ class Runner:
         return self.planner.input_facts(name)
 
     def open_node(self, name: str) -> LazyModel:
-        if name in self.recipe.inputs:
+        if name in self.recipe.inputs and self.planner.hashed_while_read(name):
+            if name not in self._hashing:
+                self._hashing[name] = HashingReader(SafetensorsFile(self.input_path(name)))
+            m = rename_model(self._hashing[name].lazy())
+            m.label = self.input_path(name).name
+        elif name in self.recipe.inputs:
             m = open_model(self.input_path(name))
             m.label = self.input_path(name).name
         else:
@@ -92,6 +107,7 @@ class Runner:
     def build(self, targets: list[str] | None = None, compute: bool = True) -> BuildReport:
         """Bring every target up to date; with `compute=False` (pull) stale steps may only come from the remote."""
         report = BuildReport()
+        self.planner.hash_while_reading = compute  # a pull must know every key before it asks the remote
         self.store.clean_tmp()
         order = build_order(self.recipe, self.graph, targets)
         steps = [n for n in order if n in self.recipe.steps]
@@ -104,6 +120,27 @@ class Runner:
                 report.step(name, source="local")
                 self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: fresh")
                 continue
+            if st.key is None:  # an input is new: the step's keys follow from the digests its reads compute
+                new = sorted({r for r in self.recipe.steps[name].refs if r in self.recipe.inputs})
+                with ExitStack() as held:
+                    for r in new:  # another build hashing the same file waits here, then finds its digests
+                        held.enter_context(self.store.lock(hash_text("input", str(self.input_path(r).resolve()))))
+                    for r in new:
+                        self.planner.plan_node(r)
+                    st = self.planner.plan_node(name)
+                    if st.key is None:
+                        self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: building ({st.reason})")
+                        digest = self._run_step(name, None, None, report)
+                        report.built.append(name)
+                        report.step(name, source="computed")
+                        key, ck = self.keys[name]
+                        self._record(name, st.op, key, ck, digest)
+                        continue
+                if st.state == "fresh":
+                    report.fresh.append(name)
+                    report.step(name, source="local")
+                    self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: fresh")
+                    continue
             key, ck = self.keys[name]
             with self.store.lock(key):
                 digest, _ = self.store.status(key)
@@ -125,10 +162,7 @@ class Runner:
                     digest = self._run_step(name, key, ck, report)
                     report.built.append(name)
                     report.step(name, source=source)
-            self.states[name] = NodeState(name, st.op, key, "fresh", "built", digest)
-            step = self.recipe.steps[name]
-            self.store.db.record_build(str(self.recipe.path), name, key, ck, canonical(step.params),
-                                       canonical([self.states[r].digest for r in step.refs]))
+            self._record(name, st.op, key, ck, digest)
         self._materialise(order, report)
         if self.remote is not None:
             self.push([self.keys[n][0] for n in order if n in self.recipe.steps])
@@ -142,6 +176,12 @@ class Runner:
         if uploaded:
             self.progress.line(f"uploaded {uploaded} object(s), {nbytes / 2**20:.1f} MiB, to {self.remote.remote.url}")
         return uploaded, nbytes, present
+
+    def _record(self, name: str, op: str, key: str, ck: str, digest: str) -> None:
+        self.states[name] = NodeState(name, op, key, "fresh", "built", digest)
+        step = self.recipe.steps[name]
+        self.store.db.record_build(str(self.recipe.path), name, key, ck, canonical(step.params),
+                                   canonical([self.states[r].digest for r in step.refs]))
 
     def _step_facts(self, name: str) -> NodeFacts:
         """Facts of an already built step, read from its object (used when a descendant records provenance)."""
@@ -160,62 +200,119 @@ class Runner:
                                          legacy_hash=legacy_hash(path))
         return self.facts[name]
 
-    def _run_step(self, name: str, key: str, ck: str, report: BuildReport) -> str:
+    def _run_step(self, name: str, key: str | None, ck: str | None, report: BuildReport) -> str:
+        """Build one step into the store. Without keys, some inputs are new: they are hashed by this step's reads,
+        the metadata is settled after the last tensor, and the object is stored under the keys found then."""
         step = self.recipe.steps[name]
         op = get_op(step.op)
         where = self.recipe.where("steps", name)
-        reuse = self.store.find_compute(ck)
-        inputs = [self.open_node(r) for r in step.refs]
-        kinds = op.kinds(dict(step.params))
-        for r, m, want in zip(step.refs, inputs, kinds):
-            _check_kind(r, m, want, name, where)
-        ctx = OpContext(step=name, device=self.device, input_names=list(step.refs), input_labels=[m.label for m in inputs])
+        reuse = self.store.find_compute(ck) if ck else None
+        self._hashing = {}
         try:
-            model = op.build(inputs, dict(step.params), ctx)
-        except UserError as e:
-            raise UserError(str(e) if e.where else f"{where}: {e}") from None
-        # what the step reports: the op's own lines, then what reading its inputs reported (a .ckpt's dropped state)
-        log = list(ctx.log) + list(model.info.log) + [line for m in inputs for line in m.info.log]
-        facts = dict(model.info.provenance)
-        if reuse is not None:
-            model = _restamp_source(self.store.object_path(reuse), model)
-        for line in log:
-            self.progress.warn(f"{name}: {line}")
-            report.warnings.append(f"{name}: {line}")
-        sub = build_order(self.recipe, self.graph, [name])
+            inputs = [self.open_node(r) for r in step.refs]
+            kinds = op.kinds(dict(step.params))
+            for r, m, want in zip(step.refs, inputs, kinds):
+                _check_kind(r, m, want, name, where)
+            ctx = OpContext(step=name, device=self.device, input_names=list(step.refs), input_labels=[m.label for m in inputs])
+            try:
+                model = op.build(inputs, dict(step.params), ctx)
+            except UserError as e:
+                raise UserError(str(e) if e.where else f"{where}: {e}") from None
+            # what the step reports: the op's own lines, then what reading its inputs reported (a .ckpt's dropped state)
+            log = list(ctx.log) + list(model.info.log) + [line for m in inputs for line in m.info.log]
+            facts = dict(model.info.provenance)
+            if reuse is not None:
+                model = _restamp_source(self.store.object_path(reuse), model)
+            for line in log:
+                self.progress.warn(f"{name}: {line}")
+                report.warnings.append(f"{name}: {line}")
+            arch = model.info.architecture or (inputs[0].info.architecture if inputs else None)
+            extra = dict(model.metadata) if op.output_kind == "lora" else None
+
+            def metadata_with(compute: str | None) -> dict[str, str]:
+                nodes = self._subgraph_facts(name, op, step, compute, log, facts)
+                return build_metadata(self.recipe, name, nodes, arch, op.output_kind, extra)
+
+            hashing = dict(self._hashing)
+
+            def settled() -> dict[str, str]:
+                """After the last tensor: the inputs' digests are known, so are the step's keys and metadata."""
+                for n, reader in hashing.items():
+                    self.planner.learn_input(n, *reader.finish())
+                self.planner.plan_node(name)
+                return metadata_with(self.keys[name][1])
+
+            metadata = metadata_with(ck)  # with placeholders of the same width for what is not known yet
+            total = len(model)
+            counter = [0]
+
+            def on_tensor(tname: str) -> None:
+                counter[0] += 1
+                self.progress.tensor(name, counter[0], total, tname)
+
+            self._require_space(name, header_size(model, metadata))
+
+            def write(tmp: Path):
+                return write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers,
+                                   final_metadata=settled if key is None else None)
+
+            try:
+                if key is None:
+                    result = self.store.put_late(write, lambda: self.keys[name])
+                else:
+                    result = self.store.put(key, ck, write)
+            except SdbuildError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as e:
+                raise StepError(f"step {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            return result.content_digest
+        finally:
+            for reader in self._hashing.values():
+                reader.close()
+            self._hashing = {}
+
+    def _subgraph_facts(self, name: str, op, step, compute: str | None, log: list[str], facts: dict) -> list[NodeFacts]:
+        """Facts of every node that made `name`; an input still being hashed stands in with placeholder digests."""
         nodes: list[NodeFacts] = []
-        for n in sub:
+        for n in build_order(self.recipe, self.graph, [name]):
             if n == name:
                 nodes.append(NodeFacts(name=name, kind="step", digest="", op=op.name, version=op.version,
-                                       params=dict(step.params), refs=step.refs, compute_key=ck, log=log, facts=facts))
+                                       params=dict(step.params), refs=step.refs, compute_key=compute or _PENDING_KEY,
+                                       log=log, facts=facts))
             elif n in self.recipe.inputs:
-                f = self.input_facts(n)
+                path = self.input_path(n)
+                if n in self._hashing and n not in self.facts:
+                    f = self._pending.setdefault(n, _pending_input(self.planner, n))
+                else:
+                    f = self.input_facts(n)
+                    if n in self._pending and not f.metadata:  # hashed by this step: its header was read already
+                        f.metadata, f.legacy_hash = self._pending[n].metadata, self._pending[n].legacy_hash
                 if not f.metadata:
-                    f.metadata = read_header(self.input_path(n))[1] if self.input_path(n).suffix == ".safetensors" else {}
-                    f.legacy_hash = legacy_hash(self.input_path(n))
+                    f.metadata = read_header(path)[1] if path.suffix == ".safetensors" else {}
+                    f.legacy_hash = legacy_hash(path)
                 nodes.append(f)
             else:
                 nodes.append(self._step_facts(n))
-        arch = model.info.architecture or (inputs[0].info.architecture if inputs else None)
-        extra = dict(model.metadata) if op.output_kind == "lora" else None
-        metadata = build_metadata(self.recipe, name, nodes, arch, op.output_kind, extra)
-        total = len(model)
-        counter = [0]
+        return nodes
 
-        def on_tensor(tname: str) -> None:
-            counter[0] += 1
-            self.progress.tensor(name, counter[0], total, tname)
-
-        try:
-            result = self.store.put(key, ck, lambda tmp: write_model(tmp, model, metadata, on_tensor=on_tensor))
-        except SdbuildError:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as e:
-            raise StepError(f"step {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        return result.content_digest
+    def _require_space(self, name: str, size: int) -> None:
+        """Before a step writes: room for its object in the cache, and for its outputs where they must be copies."""
+        needs = {self.store.root / "tmp": size}
+        rels = self.recipe.outputs.get(name, [])
+        if rels and not same_filesystem(self.store.root, self.planner.out_dir()):
+            needs[self.planner.out_dir()] = size * len(rels)
+        require(needs, f"step {name!r}")
 
     def _materialise(self, order: list[str], report: BuildReport) -> None:
         base = self.planner.out_dir()
+        copies = 0
+        for node, rels in self.recipe.outputs.items():
+            if node in order:
+                src = self.input_path(node) if node in self.recipe.inputs else self.store.object_path(self.keys[node][0])
+                if not same_filesystem(src.parent, base):
+                    copies += src.stat().st_size * len(rels)
+        if copies:
+            require({base: copies}, "copying the outputs")
         base.mkdir(parents=True, exist_ok=True)
         real_base = os.path.realpath(base)
         for node, rels in self.recipe.outputs.items():
@@ -228,10 +325,22 @@ class Runner:
                 if os.path.commonpath([real_base, real]) != real_base:
                     raise UserError(f"output {rel!r} resolves outside {base} (through a link); refusing to write there",
                                     self.recipe.where("outputs", node))
-                materialise(Path(src), target)
+                materialise(Path(src), target, sync=self.store.must_fsync)
                 report.outputs[node] = str(target)
                 self.progress.line(f"wrote {target}")
 
+
+
+_PENDING_KEY = "f" * 32  # same width as a real key, so the header keeps its length when the real one replaces it
+
+
+def _pending_input(planner: Planner, name: str) -> NodeFacts:
+    """An input being hashed by the running step: placeholder digests of the real widths, distinct per input
+    (records keyed by sha256 must keep one entry per input, or the header would change length)."""
+    path = planner.input_path(name)
+    return NodeFacts(name=name, kind="input", digest=hash_text("pending digest", name),
+                     sha256=hashlib.sha256(f"pending sha256 {name}".encode()).hexdigest(), file=path.name,
+                     credits=dict(planner.recipe.inputs[name].credits))
 
 
 def _restamp_source(obj: Path, fresh: LazyModel) -> LazyModel:

@@ -11,13 +11,15 @@ import sqlite3
 from typing import Any, Iterable
 
 from mergekit_sd import TOOL
+from mergekit_sd.engine.boot import boot_id
 from mergekit_sd.engine.options import MODELS_ENV
 from mergekit_sd.engine.state import StateDB
 
 
 
 def stamp_key(recipe: str | os.PathLike, options: dict[str, Any]) -> str:
-    body = {"tool": TOOL, "recipe": os.path.abspath(recipe), "cwd": os.getcwd(),
+    # a stamp holds for one boot: after a reboot the planner re-verifies objects written without fsync
+    body = {"tool": TOOL, "recipe": os.path.abspath(recipe), "cwd": os.getcwd(), "boot": boot_id(),
             "env": {k: os.environ.get(k, "") for k in (MODELS_ENV,)}, **options}
     return json.dumps(body, sort_keys=True, default=str)
 

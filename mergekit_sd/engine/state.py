@@ -1,7 +1,7 @@
 """The cache's state database: every table and every SQL statement sdbuild runs live here.
 
 Tables: `file_digest` (content digest and sha256 memoised by path, size, mtime_ns and inode), `object` (what each
-stored object holds), `history` (what each recipe node was last built from, for "why is it stale"), and `stamp`
+stored object holds, and the boot it was written under while its bytes may not be on disk yet), `history` (what each recipe node was last built from, for "why is it stale"), and `stamp`
 (the no-op fast path). This module imports no torch: the no-op path reads stamps through it.
 """
 
@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS file_digest (
 CREATE INDEX IF NOT EXISTS file_digest_digest ON file_digest(digest);
 CREATE INDEX IF NOT EXISTS file_digest_sha ON file_digest(sha256);
 CREATE TABLE IF NOT EXISTS object (
-  key TEXT PRIMARY KEY, compute_key TEXT, digest TEXT, size INTEGER
+  key TEXT PRIMARY KEY, compute_key TEXT, digest TEXT, size INTEGER, boot TEXT
 );
 CREATE INDEX IF NOT EXISTS object_compute ON object(compute_key);
 CREATE TABLE IF NOT EXISTS history (
@@ -49,6 +49,17 @@ class StateDB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._sql().executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier version up to this schema (columns are only ever added)."""
+        cols = {row[1] for row in self._rows("PRAGMA table_info(object)")}
+        if "boot" not in cols:  # objects written before boot ids were recorded were fsynced: NULL means durable
+            try:
+                self._rows("ALTER TABLE object ADD COLUMN boot TEXT")
+            except sqlite3.OperationalError as e:  # another process added it first
+                if "duplicate column" not in str(e):
+                    raise
 
     @classmethod
     def existing(cls, cache_dir: str | os.PathLike) -> "StateDB | None":
@@ -95,8 +106,19 @@ class StateDB:
         rows = self._rows("SELECT compute_key, digest, size FROM object WHERE key=?", (key,))
         return tuple(rows[0]) if rows else None  # type: ignore[return-value]
 
-    def put_object(self, key: str, compute_key: str, digest: str, size: int) -> None:
-        self._rows("INSERT OR REPLACE INTO object VALUES (?,?,?,?)", (key, compute_key, digest, size))
+    def put_object(self, key: str, compute_key: str, digest: str, size: int, boot: str | None = None) -> None:
+        """Record an object; `boot` is the boot id it was written under when it was not fsynced (None: durable)."""
+        self._rows("INSERT OR REPLACE INTO object (key, compute_key, digest, size, boot) VALUES (?,?,?,?,?)",
+                   (key, compute_key, digest, size, boot))
+
+    def object_boot(self, key: str) -> str | None:
+        """The boot id an object was written under without fsync, or None once it is known to be on disk."""
+        rows = self._rows("SELECT boot FROM object WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    def mark_durable(self, key: str) -> None:
+        """An object re-verified after a reboot is on disk: later uses need no re-verification."""
+        self._rows("UPDATE object SET boot=NULL WHERE key=?", (key,))
 
     def objects_with_compute(self, compute_key: str) -> list[str]:
         return [k for (k,) in self._rows("SELECT key FROM object WHERE compute_key=?", (compute_key,))]

@@ -20,22 +20,26 @@ def temp_name(target: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike, tmp: str | os.PathLike | None = None, mode: int | None = None) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, tmp: str | os.PathLike | None = None, mode: int | None = None,
+                sync: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; when the block succeeds it replaces `target` durably.
 
     `tmp` overrides where the temporary file goes (it must be on the target's file system); `mode` is applied to
-    it before the rename, so the target never exists with other permissions.
+    it before the rename, so the target never exists with other permissions. `sync=False` skips both fsyncs, for
+    callers that verify the file after a crash instead (the store's objects and what is linked to them).
     """
     target = Path(target)
     tmp = Path(tmp) if tmp is not None else temp_name(target)
     _remove(tmp)
     try:
         yield tmp
-        fsync_file(tmp)
+        if sync:
+            fsync_file(tmp)
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        if sync:
+            fsync_dir(target.parent)
     finally:
         _remove(tmp)
 

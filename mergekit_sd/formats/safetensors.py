@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import stat
 import struct
 import threading
@@ -22,6 +23,7 @@ import torch
 import xxhash
 
 from mergekit_sd.errors import UserError
+from mergekit_sd.formats.prefetch import DEFAULT_WINDOW, produce_ahead
 from mergekit_sd.lazy import LazyModel, TensorSpec
 
 MAX_HEADER_SIZE = 100_000_000
@@ -132,6 +134,7 @@ class SafetensorsFile:
         if 8 + n > self.size:
             raise UserError(f"truncated safetensors file: header length {n} runs past the end of the file ({self.size} bytes)", where)
         raw = _pread_all(self._fd, n, 8)
+        self.header_bytes = head + raw  # the file's first bytes, for hashing it without reading them again
         if not raw.lstrip(b" ").startswith(b"{"):
             raise UserError("not a safetensors file: header does not start with '{'", where)
         try:
@@ -187,9 +190,9 @@ class SafetensorsFile:
         b, e = self.offsets[name]
         if e == b:
             return torch.empty(spec.shape, dtype=spec.dtype)
-        buf = bytearray(e - b)
-        _preadinto(self._fd, buf, self.data_start + b, str(self.path))
-        return torch.frombuffer(buf, dtype=spec.dtype).reshape(spec.shape)
+        raw = torch.empty(e - b, dtype=torch.uint8)  # not zero-filled: the read overwrites every byte
+        _preadinto(self._fd, raw.numpy(), self.data_start + b, str(self.path))
+        return raw.view(spec.dtype).reshape(spec.shape)
 
     def read_raw(self, name: str) -> bytearray:
         b, e = self.offsets[name]
@@ -225,7 +228,8 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
     return bytes(buf)
 
 
-def _preadinto(fd: int, buf: bytearray, offset: int, where: str | None = None) -> None:
+def _preadinto(fd: int, buf, offset: int, where: str | None = None) -> None:
+    """Fill a writable buffer (bytearray, numpy array) from `offset`; short reads continue, end of file is an error."""
     view = memoryview(buf)
     done = 0
     while done < len(buf):
@@ -269,30 +273,6 @@ BUFFER_SHA_KEY = "modelspec.hash_sha256"
 _PLACEHOLDERS = {CONTENT_DIGEST_KEY: "0" * 32, BUFFER_SHA_KEY: "0x" + "0" * 64}
 
 
-WRITEBACK_EVERY = 64 << 20
-
-
-def _sync_file_range():
-    try:
-        import ctypes
-        import ctypes.util
-
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
-        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNC_FILE_RANGE = _sync_file_range() if hasattr(os, "fdatasync") else None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range to disk without waiting (Linux sync_file_range); else nothing."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
-
-
 class _Consumer:
     """A thread that applies `fn` to queued (name, tensor) items in order; failures surface on the producer."""
 
@@ -319,22 +299,10 @@ class _Consumer:
         self.thread.join()
 
 
-def write_model(
-    path: str | os.PathLike,
-    model: LazyModel,
-    metadata: Mapping[str, str],
-    on_tensor: Callable[[str], None] | None = None,
-) -> WriteResult:
-    """Stream `model` into a new safetensors file at `path` (which the caller renames into place).
-
-    The metadata gains the content digest and the tensor-buffer sha256, patched in after the tensors are written.
-    Producing runs on this thread; writing (with the content digest) and the buffer sha256 run on two others, so
-    computation, hashing and disk waits overlap.
-    """
-    names = model.keys()
-    specs = {n: model.spec(n) for n in names}
+def _header_bytes(specs: Mapping[str, TensorSpec], names: list[str], metadata: Mapping[str, str],
+                  patched: Mapping[str, str]) -> bytes:
     meta = {str(k): str(v) for k, v in metadata.items()}
-    meta.update(_PLACEHOLDERS)
+    meta.update(patched)
     meta.setdefault("format", "pt")
     header: dict = {"__metadata__": dict(sorted(meta.items()))}
     off = 0
@@ -346,6 +314,38 @@ def write_model(
     hbytes += b" " * (-len(hbytes) % 8)
     if len(hbytes) > MAX_HEADER_SIZE:
         raise UserError(f"output header would be {len(hbytes)} bytes, over the safetensors limit")
+    return hbytes
+
+
+def header_size(model: LazyModel, metadata: Mapping[str, str]) -> int:
+    """The bytes a file of `model` will take (header included), known before any tensor is produced."""
+    names = model.keys()
+    return 8 + len(_header_bytes(model.specs, names, metadata, _PLACEHOLDERS)) + sum(model.spec(n).nbytes for n in names)
+
+
+def write_model(
+    path: str | os.PathLike,
+    model: LazyModel,
+    metadata: Mapping[str, str],
+    on_tensor: Callable[[str], None] | None = None,
+    *,
+    final_metadata: Callable[[], Mapping[str, str]] | None = None,
+    workers: int | None = None,
+    window: int = DEFAULT_WINDOW,
+) -> WriteResult:
+    """Stream `model` into a new safetensors file at `path` (which the caller renames into place).
+
+    The metadata gains the content digest and the tensor-buffer sha256, patched in after the tensors are written.
+    `final_metadata`, when given, is asked for the real metadata only after every tensor was produced (facts learnt
+    while producing, such as the digests of inputs hashed as they were read); `metadata` then only reserves the
+    header's space, and a header that came out a different length is moved into place at the end.
+    Producing runs on `workers` threads ahead of the writer (in name order, at most `window` bytes waiting);
+    writing (with the content digest) and the buffer sha256 run on two more, so computation, hashing and the disk
+    overlap. Nothing is fsynced here: durability is the caller's (see formats.atomic and the store).
+    """
+    names = model.keys()
+    specs = {n: model.spec(n) for n in names}
+    hbytes = _header_bytes(specs, names, metadata, _PLACEHOLDERS)
 
     digests: dict[str, bytes] = {}
     sha = hashlib.sha256()
@@ -355,57 +355,62 @@ def write_model(
         f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
 
-        flushed = [8 + len(hbytes), 8 + len(hbytes)]  # [start of unflushed bytes, end of written bytes]
-
         def write_and_digest(name: str, t: torch.Tensor) -> None:
             data = tensor_bytes(t)
             h = xxhash.xxh3_128(_tensor_prefix(name, t.dtype, t.shape))
             h.update(data)
             digests[name] = h.digest()
             f.write(data)
-            flushed[1] += len(data)
-            if flushed[1] - flushed[0] >= WRITEBACK_EVERY:  # start write-back early so the final fsync is short
-                f.flush()
-                start_writeback(f.fileno(), flushed[0], flushed[1] - flushed[0])
-                flushed[0] = flushed[1]
 
         def buffer_sha(name: str, t: torch.Tensor) -> None:
             sha.update(tensor_bytes(t))
 
-        # two consumers, each in tensor order: the sha256 runs while the other waits on the disk
-        workers = [_Consumer(fn, failure) for fn in (write_and_digest, buffer_sha)]
+        # two consumers, each in tensor order: the sha256 runs while the other hashes and writes
+        consumers = [_Consumer(fn, failure) for fn in (write_and_digest, buffer_sha)]
+        produced = produce_ahead(model, names, workers, window)
         try:
-            for n in names:
+            for n, t in produced:
                 if failure:
                     break
-                t = model.get(n)
                 s = specs[n]
                 if t.dtype != s.dtype or tuple(t.shape) != s.shape:
                     raise RuntimeError(f"tensor {n!r}: produced {t.dtype} {tuple(t.shape)} but declared {s.dtype} {s.shape}")
                 t = t.contiguous()
-                for w in workers:
-                    w.put((n, t))
+                for c in consumers:
+                    c.put((n, t))
                 if on_tensor:
                     on_tensor(n)
         finally:
-            for w in workers:
-                w.finish()
+            produced.close()
+            for c in consumers:
+                c.finish()
         if failure:
             raise failure[0]
         content = combine_digests(digests)
         buf_sha = sha.hexdigest()
-        patched = hbytes
-        for key, value in ((CONTENT_DIGEST_KEY, content), (BUFFER_SHA_KEY, "0x" + buf_sha)):
-            needle = json.dumps({key: _PLACEHOLDERS[key]}, separators=(",", ":"))[1:-1].encode()
-            pos = patched.find(needle)
-            assert pos >= 0 and len(value) == len(_PLACEHOLDERS[key])
-            fixed = json.dumps({key: value}, separators=(",", ":"))[1:-1].encode()
-            patched = patched[:pos] + fixed + patched[pos + len(needle):]
-        f.seek(8)
-        f.write(patched)
-        f.flush()
-        os.fsync(f.fileno())
+        final = _header_bytes(specs, names, final_metadata() if final_metadata else metadata,
+                              {CONTENT_DIGEST_KEY: content, BUFFER_SHA_KEY: "0x" + buf_sha})
+        if len(final) == len(hbytes):
+            f.seek(8)
+            f.write(final)
+    if len(final) != len(hbytes):
+        _move_data(Path(path), 8 + len(hbytes), final)
     return WriteResult(content, buf_sha, digests, os.path.getsize(path))
+
+
+def _move_data(path: Path, data_start: int, header: bytes) -> None:
+    """Rewrite `path` with a header of another length in front of the same tensor bytes."""
+    tmp = path.with_name(path.name + ".relayout")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(struct.pack("<Q", len(header)))
+            dst.write(header)
+            src.seek(data_start)
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def file_content_digest(path: str | os.PathLike, with_sha256: bool = True) -> tuple[str, str | None]:
@@ -419,6 +424,7 @@ def file_content_digest(path: str | os.PathLike, with_sha256: bool = True) -> tu
         by_offset = sorted(sf.offsets.items(), key=lambda kv: kv[1])
         pos = 0
         chunk = 64 << 20
+        scratch = memoryview(bytearray(min(chunk, max([e - b for b, e in sf.offsets.values()], default=0))))
         for name, (b, e) in by_offset:
             if sha is not None and b > pos:  # bytes between tensors still belong to the file
                 sha.update(_pread_all(sf._fd, b - pos, sf.data_start + pos))
@@ -429,7 +435,7 @@ def file_content_digest(path: str | os.PathLike, with_sha256: bool = True) -> tu
                 n = min(chunk, e - cur)
                 if cur < pos:  # overlapping zero-size edge; never happens for validated files
                     n = min(n, pos - cur)
-                buf = bytearray(n)
+                buf = scratch[:n]
                 _preadinto(sf._fd, buf, sf.data_start + cur)
                 h.update(buf)
                 if sha is not None and cur >= pos:

@@ -9,6 +9,7 @@ Baking the result into `base` at strength 1 approximates `tuned`, exactly at ful
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import torch
@@ -138,19 +139,21 @@ def build_extract(inputs: list[LazyModel], params: dict, ctx: OpContext) -> Lazy
             plan[f"{name}.{role}"] = (name, role, r)
 
     last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    lock = threading.Lock()
 
     def produce(key: str) -> torch.Tensor:
         name, role, r = plan[key]
         spec = specs[key]
         if role == "alpha":
             return torch.tensor(float(r), dtype=spec.dtype)
-        if name not in last:
-            last.clear()
-            t = modules[name]
-            shape = base.spec(t.weight).shape
-            big = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
-            last[name] = svd_factor(diff(t), conv_rank if big else rank, clamp)
-        up, down = last[name]
+        with lock:  # tensors are produced on several threads; up and down of one module share an SVD
+            if name not in last:
+                last.clear()
+                t = modules[name]
+                shape = base.spec(t.weight).shape
+                big = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+                last[name] = svd_factor(diff(t), conv_rank if big else rank, clamp)
+            up, down = last[name]
         out = (up if role == "lora_up.weight" else down).to(torch.float32)
         check_finite(out, key, ctx.step)
         return out.to(spec.dtype).contiguous()

@@ -10,6 +10,7 @@ The naive kohya merge (summing up/down factors, which squares the strength and a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,9 +174,13 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
                 acc += q.mu * inputs[q.lora].get(q.module.keys[br]).to(torch.float64).reshape(shape)
         return acc
 
+    lock = threading.Lock()  # tensors are produced on several threads; the roles of one target share a result
+
     def tensors_of(t: Target) -> dict[str, torch.Tensor]:
-        if t in cache:
-            return cache[t]
+        with lock:
+            return cache[t] if t in cache else _tensors_of(t)
+
+    def _tensors_of(t: Target) -> dict[str, torch.Tensor]:
         cache.clear()
         ref, kind = shapes[t], kinds[t]
         out: dict[str, torch.Tensor] = {}

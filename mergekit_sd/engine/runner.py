@@ -107,7 +107,8 @@ class Runner:
     def build(self, targets: list[str] | None = None, compute: bool = True) -> BuildReport:
         """Bring every target up to date; with `compute=False` (pull) stale steps may only come from the remote."""
         report = BuildReport()
-        self.planner.hash_while_reading = compute  # a pull must know every key before it asks the remote
+        # keys must be known before the remote can be asked, so with one (and in a pull) inputs are hashed first
+        self.planner.hash_while_reading = compute and self.remote is None
         self.store.clean_tmp()
         order = build_order(self.recipe, self.graph, targets)
         steps = [n for n in order if n in self.recipe.steps]

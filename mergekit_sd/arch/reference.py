@@ -33,3 +33,9 @@ def reference_keys(arch: str, include_optional: bool = True) -> dict[str, dict]:
             if include_optional or not e.get("optional"):
                 out[name] = dict(e, component=comp)
     return out
+
+
+def shrink(shape: Iterable[int], factor: int) -> tuple[int, ...]:
+    """A reference shape at a synthetic model's shrink factor: every dimension that is a multiple of 32 and at least
+    64 is divided, so products of shapes stay consistent (q/k/v splits and LoRA factors still fit)."""
+    return tuple(d // factor if (d % 32 == 0 and d >= 64 and factor > 1) else d for d in shape)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mergekit_sd.arch.prefixes import MARKERS, SCHEDULER_BUFFERS, UNET, ema_key
 from mergekit_sd.arch.reference import reference_keys, shrink
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, TensorSpec
@@ -21,12 +22,6 @@ from mergekit_sd.formats.safetensors import DTYPE_NAMES, write_model
 from mergekit_sd.ops.vae import ldm_to_diffusers
 
 ARCHES = ("sd1", "sdxl")
-MARKERS = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
-
-
-def ema_name(key: str) -> str:
-    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`."""
-    return "model_ema.diffusion_model" + key[len("model.diffusion_model."):].replace(".", "")
 
 
 def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema: bool = False, junk: bool = False,
@@ -47,14 +42,14 @@ def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema
         if name.endswith("position_ids") and not position_ids:
             continue
         shape = shrink(e["shape"], factor)
-        if inpainting and name == "model.diffusion_model.input_blocks.0.0.weight":
+        if inpainting and name == UNET + "input_blocks.0.0.weight":
             shape = (shape[0], 9) + shape[2:]
         specs[name] = TensorSpec(torch.int64 if e["dtype"] == "int64" else fdt, shape)
         if broken_position_ids and name.endswith("position_ids"):
             specs[name] = TensorSpec(torch.float32, shape)  # what naive merges leave behind (docs/formats.md §1.9)
     if ema:
-        for name in [n for n in specs if n.startswith("model.diffusion_model.")]:
-            specs[ema_name(name)] = specs[name]
+        for name in [n for n in specs if n.startswith(UNET)]:
+            specs[ema_key(name)] = specs[name]
         specs["model_ema.decay"] = TensorSpec(torch.float32, ())
         specs["model_ema.num_updates"] = TensorSpec(torch.int32, ())
     if junk:
@@ -71,12 +66,6 @@ def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema
         for name in SCHEDULER_BUFFERS:
             specs[name] = TensorSpec(torch.float32, (1000,))
     return specs
-
-
-SCHEDULER_BUFFERS = ("alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
-                     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
-                     "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                     "sqrt_recipm1_alphas_cumprod")
 
 
 def broken_ids(n: int = 77) -> torch.Tensor:

@@ -61,6 +61,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         "architecture": arch.arch,
         "kind": _kind(arch.arch, specs),
         "variant": arch.variant,
+        **({"naming": arch.naming} if arch.naming else {}),
         "modelspec_architecture": arch.modelspec,
         "tensors": len(specs),
         "bytes": model.nbytes(),
@@ -167,7 +168,8 @@ def _size(n: int) -> str:
 def format_inspect(r: dict[str, Any]) -> str:
     """A readable report for a terminal."""
     lines: list[str] = []
-    arch = r["architecture"] + (f" ({r['variant']})" if r.get("variant") else "")
+    extra = [x for x in (r.get("variant"), f"{r['naming']} naming" if r.get("naming") else None) if x]
+    arch = r["architecture"] + (f" ({', '.join(extra)})" if extra else "")
     lines.append(f"{r['file']}  [{r['format']}, {_size(r['file_bytes'])}]")
     lines.append(f"architecture  {arch}" + (f"  (shrunk x{r['shrink_factor']})" if r.get("shrink_factor") else "")
                  + (f"  [{r['kind']}]" if r.get("kind") not in (None, "checkpoint", r["architecture"]) else ""))

@@ -14,12 +14,14 @@ from typing import Mapping
 
 import torch
 
+from mergekit_sd.arch import registry
+from mergekit_sd.arch.architecture import COMFYUI
 from mergekit_sd.arch.detect import INPUT_CONV, ArchInfo, detect
 from mergekit_sd.arch.prefixes import COMPONENT_PREFIXES, MARKERS, SCHEDULER_BUFFERS, VAE
 from mergekit_sd.arch.reference import REFERENCE_FILES, reference_keys, shrink
 from mergekit_sd.lazy import TensorSpec
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 # component names of the reference key lists -> the names recipes use
 REFERENCE_COMPONENT = {"diffuser": "unet", "clip_l": "text_encoder", "clip_g": "text_encoder_2", "vae": "vae"}
 
@@ -81,6 +83,16 @@ def classify(specs: Mapping[str, TensorSpec], arch: ArchInfo | None = None) -> C
         return _classify_vae(specs, out)
     prefixes = COMPONENT_PREFIXES.get(arch.arch, {})
     ref = reference_keys(arch.reference) if arch.reference in REFERENCE_FILES else None
+    ref_component = REFERENCE_COMPONENT
+    registered = registry.get(arch.arch)
+    if registered is not None:
+        # transformer models: the file's naming decides prefixes and key names (arch.registry)
+        ref = registry.named_reference(registered.id, arch.naming or COMFYUI)
+        ref_component = {c: name for c, (name, _) in registered.components.items()}
+        if arch.naming == COMFYUI:
+            prefixes = {name: prefix for name, prefix in registered.components.values()}
+        else:
+            prefixes = {"transformer": ""}
     for key, spec in specs.items():
         kind = _junk_kind(key, arch.arch)
         if kind is not None:
@@ -106,7 +118,7 @@ def classify(specs: Mapping[str, TensorSpec], arch: ArchInfo | None = None) -> C
             if comp in prefixes and comp not in present:
                 out.absent_components.append(comp)
         for key, entry in ref.items():
-            comp = REFERENCE_COMPONENT.get(entry["component"], entry["component"])
+            comp = ref_component.get(entry["component"], entry["component"])
             if key not in specs and not entry.get("optional") and comp in present:
                 out.missing.append(key)
     elif prefixes:

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from mergekit_sd.arch import registry
+from mergekit_sd.arch.architecture import BARE, COMFYUI, DIFFUSERS
 from mergekit_sd.arch.modelspec import modelspec_id
 from mergekit_sd.arch.prefixes import SD1_TE, SD2_TE, SDXL_TE2, UNET
 from mergekit_sd.lazy import TensorSpec
@@ -44,6 +46,7 @@ class ArchInfo:
     modelspec: str | None = None
     family: str | None = None  # "sd" (26 blocks) | "sdxl" (20 blocks) | None (no block map)
     factor: int = field(default=1, compare=False)
+    naming: str | None = None  # transformer models: "bfl" | "comfyui" | "diffusers" (arch.architecture)
 
     @property
     def known(self) -> bool:
@@ -52,24 +55,28 @@ class ArchInfo:
     @property
     def reference(self) -> str | None:
         """Name of the reference key list to check keys against (arch.reference), if one ships."""
-        return REFERENCE.get(self.arch)
+        a = registry.get(self.arch)
+        return a.reference if a is not None else REFERENCE.get(self.arch)
 
     @property
     def lora_arch(self) -> str | None:
         """The LoRA module table (arch.lora_keys) that fits this model, if any."""
-        return self.arch if self.arch in LORA_ARCHES else None
+        return self.arch if self.arch in LORA_ARCHES or registry.get(self.arch) is not None else None
 
     @property
     def title(self) -> str:
-        return TITLES.get(self.arch, self.arch)
+        a = registry.get(self.arch)
+        return a.title if a is not None else TITLES.get(self.arch, self.arch)
 
     def describe(self) -> str:
-        """Human name for messages, e.g. `sd1 (inpainting)`."""
-        return self.arch + (f" ({self.variant})" if self.variant else "")
+        """Human name for messages, e.g. `sd1 (inpainting)`, `flux (dev, diffusers naming)`."""
+        extra = [x for x in (self.variant, f"{self.naming} naming" if self.naming else None) if x]
+        return self.arch + (f" ({', '.join(extra)})" if extra else "")
 
     def compatible(self, other: "ArchInfo") -> bool:
-        """Two models can be merged tensor by tensor: same architecture (variants differ only in the input conv)."""
-        return not self.known or not other.known or self.arch == other.arch
+        """Two models can be merged tensor by tensor: same architecture (variants differ only in the input conv)
+        and, for transformer models, the same naming (docs/architectures.md#namings)."""
+        return not self.known or not other.known or (self.arch == other.arch and self.naming == other.naming)
 
 
 def _factor(arch: str, specs: Mapping[str, TensorSpec]) -> int:
@@ -146,8 +153,30 @@ def _by_prefix(specs: Mapping[str, TensorSpec]) -> str | None:
     return None
 
 
+def _registered(specs: Mapping[str, TensorSpec]) -> ArchInfo | None:
+    """The architectures of arch.models, each in any of its namings."""
+    for arch in registry.all_architectures():
+        found = registry.naming_of(specs, arch.markers)
+        for naming in ([found] if found else []) + ([DIFFUSERS] if arch.to_diffusers is not None else []):
+            variant = arch.detect(specs, naming)
+            if variant is None:
+                continue
+            variant = variant or None
+            key = {COMFYUI: UNET + arch.factor_key, BARE: arch.factor_key}.get(naming)
+            if naming == DIFFUSERS:
+                key = arch.to_diffusers(arch.factor_key, (arch.full_width,))[0][0]
+            s = specs.get(key or "")
+            width = s.shape[0] if s is not None and s.shape else 0
+            factor = arch.full_width // width if width and arch.full_width % width == 0 else 1
+            return ArchInfo(arch.id, variant, arch.modelspec_id(variant), arch.family, factor, naming)
+    return None
+
+
 def _detect(specs: Mapping[str, TensorSpec]) -> ArchInfo:
     keys = specs.keys()
+    found = _registered(specs)
+    if found is not None:
+        return found
     if "conditioner.embedders.1.model.ln_final.weight" in keys or any(
             k.startswith("conditioner.embedders.1.model.") for k in keys):
         return _info(SDXL, _conv_variant(specs), specs)

@@ -8,6 +8,8 @@ fine-tunes) are the 768 v-prediction ones, and a 512 model sampled at 768 degrad
 
 from __future__ import annotations
 
+from mergekit_sd.arch import registry
+
 # (architecture id, variant) -> ModelSpec `architecture`
 MODELSPEC: dict[tuple[str, str | None], str] = {
     ("sd1", None): "stable-diffusion-v1",
@@ -60,7 +62,9 @@ def resolution(modelspec: str | None, prediction_type: str | None = None) -> str
     """Default `modelspec.resolution` for an output; SD2 follows its declared prediction type (module docstring)."""
     if modelspec == "stable-diffusion-v2" and prediction_type in ("epsilon", "eps"):
         return "512x512"
-    return RESOLUTION.get(modelspec or "")
+    if modelspec in RESOLUTION:
+        return RESOLUTION[modelspec]
+    return next((a.resolution for a in registry.all_architectures() if modelspec in a.modelspec.values()), None)
 
 # `modelspec.implementation` of LoRAs written for an architecture
 IMPLEMENTATION: dict[str, str] = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}

@@ -18,10 +18,13 @@ def shrink(shape: Iterable[int], factor: int) -> tuple[int, ...]:
 
 @lru_cache(maxsize=None)
 def reference(arch: str) -> dict:
-    """{"architecture": ..., "components": {component: {name: {"shape", "dtype", "optional"?}}}}"""
-    if arch not in REFERENCE_FILES:
+    """`arch` is an id of REFERENCE_FILES or a file name in data/keys/.
+
+    {"architecture": ..., "components": {component: {name: {"shape", "dtype", "optional"?}}}}"""
+    name = REFERENCE_FILES.get(arch) or (arch if arch.endswith(".json") else None)
+    if name is None:
         raise KeyError(f"no reference key list for {arch!r}; known: {', '.join(REFERENCE_FILES)}")
-    text = resources.files("mergekit_sd.data.keys").joinpath(REFERENCE_FILES[arch]).read_text()
+    text = resources.files("mergekit_sd.data.keys").joinpath(name).read_text()
     return json.loads(text)
 
 

@@ -102,9 +102,10 @@ def check_architectures(inputs: list[LazyModel], names: list[str], step: str) ->
     ref = next((i for i, a in enumerate(archs) if a.known), None)
     if ref is not None:
         for i, a in enumerate(archs):
-            if a.known and a.arch != archs[ref].arch:
+            if a.known and not a.compatible(archs[ref]):
                 raise UserError(f"step {step!r}: cannot merge {names[ref]} ({archs[ref].describe()}) with {names[i]} ({a.describe()}): "
-                                "different model architectures")
+                                "different model architectures" + ("" if a.arch != archs[ref].arch else
+                                                    "; convert both to one naming (docs/architectures.md#namings)"))
     return archs
 
 

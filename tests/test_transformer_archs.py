@@ -123,3 +123,33 @@ def test_flux_merge_is_exact_and_named(tmp_path, sdbuild):
         assert torch.allclose(f.get_tensor(k), a[k] * 0.75 + b[k] * 0.25, rtol=0, atol=1e-7)
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "flux-1-dev" and meta["modelspec.resolution"] == "1024x1024"
+
+
+def _objects(cache):
+    return sorted(p.name for p in (cache / "objects").rglob("*.safetensors")) if (cache / "objects").exists() else []
+
+
+@pytest.mark.parametrize("late", [
+    "{op: weighted_sum, models: [xl_mix, f1], alpha: 0.5}",                       # Flux x SDXL
+    "{op: weighted_sum, models: [f1, f2], alpha: {default: 0.3, IN00: 0.6}}",     # block weights without a block map
+])
+def test_a_mistake_in_a_late_step_fails_before_anything_is_built(tmp_path, sdbuild, late):
+    from mergekit_sd.synth.models import write_synth
+
+    write_synth(tmp_path / "x1.safetensors", "sdxl", 64, "fp16", 1)
+    write_synth(tmp_path / "x2.safetensors", "sdxl", 64, "fp16", 2)
+    for s in (1, 2):
+        sdbuild("synth", tmp_path / f"f{s}.safetensors", "--arch", "flux", "--factor", "64", "--seed", str(s), "-q")
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs: {{x1: x1.safetensors, x2: x2.safetensors, f1: f1.safetensors, f2: f2.safetensors}}
+        steps:
+          xl_mix: {{op: weighted_sum, models: [x1, x2], alpha: 0.5}}
+          late: {late}
+        outputs: {{xl_mix: xl.safetensors, late: late.safetensors}}
+        """)
+    cache = tmp_path / "cache"
+    r = sdbuild("build", rp, "-q", "--cache-dir", cache)
+    assert r.code == 2
+    assert "recipe.yaml:" in r.err and "'late'" in r.err
+    assert _objects(cache) == [] and not (tmp_path / "xl.safetensors").exists()

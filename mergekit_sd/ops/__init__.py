@@ -70,6 +70,9 @@ class OpSpec:
     output_kind: str = "checkpoint"
     formula: str = ""
     category: str = "merge"
+    # (params, input architectures (ArchInfo or None: not known before building), step name) -> raises UserError;
+    # run for every step before the first one builds (ops.check)
+    check: Callable[[dict, list, str], None] | None = None
 
     def field(self, name: str) -> Field | None:
         for f in self.fields:

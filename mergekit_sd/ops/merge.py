@@ -20,6 +20,7 @@ import torch
 
 from mergekit_sd.arch.blocks import (
     DEFAULT_RULE,
+    FAMILY_BLOCKS,
     RULES,
     compile_elemental,
     compile_inex,
@@ -109,6 +110,26 @@ def check_architectures(inputs: list[LazyModel], names: list[str], step: str) ->
     return archs
 
 
+def check_merge(method: Method, params: dict, archs: list, step: str) -> None:
+    """What a merge step can know before anything is built: its inputs' architectures agree, and block weights
+    have an architecture with a block map."""
+    names = params.get("models") or [params.get("model")]
+    known = [(n, a) for n, a in zip(names, archs) if a is not None and a.known]
+    for n, a in known[1:]:
+        if not a.compatible(known[0][1]):
+            raise UserError(f"step {step!r}: cannot merge {known[0][0]} ({known[0][1].describe()}) with {n} ({a.describe()}): "
+                            "different model architectures" + ("" if a.arch != known[0][1].arch else
+                                                              "; convert both to one naming (docs/architectures.md#namings)"))
+    first = archs[0] if archs else None
+    if first is None:
+        return
+    family = first.family if first.family in FAMILY_BLOCKS else None
+    for p in method.params:
+        if p.kind == "weight" and is_block_weight(params.get(p.name)) and family is None:
+            raise UserError(f"step {step!r}: block weights for {p.name!r} need SD1, SD2 or SDXL, but {names[0]} is "
+                            f"{first.describe()}; use a number")
+
+
 class ResolvedWeights:
     """Per-tensor weights decided at build time: constants, per-key tables for varying weights, the rule used."""
 
@@ -129,7 +150,7 @@ def resolve_weights(method: Method, params: dict, plan: dict[str, str], arch: Ar
     explicit_rule = params.get("block_rule")
     varying = [n for n, v in values.items() if is_block_weight(v)]
     blocky = bool(varying or elemental or include or exclude or explicit_rule)
-    family = arch.family
+    family = arch.family if arch.family in FAMILY_BLOCKS else None
     if varying and family is None:
         raise UserError(f"step {step!r}: block weights for {varying[0]!r} need a known architecture (SD1, SD2 or SDXL), "
                         f"but {label} is {arch.describe()}; use a number")
@@ -320,6 +341,7 @@ def _make_op(method: Method) -> OpSpec:
         build=lambda inputs, params, ctx, m=method: build_merge(m, inputs, params, ctx),
         formula=method.formula,
         category="merge",
+        check=lambda params, archs, step, m=method: check_merge(m, params, archs, step),
     )
 
 

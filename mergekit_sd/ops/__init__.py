@@ -135,4 +135,4 @@ def op_defaults(name: str) -> dict[str, Any] | None:
     return {f.name: (None if f.required else f.default) for f in spec.fields}
 
 
-DTYPE_FIELD = Field("dtype", "dtype", None, ("fp16", "bf16", "fp32"), "output dtype of float tensors (default: the first model's)")
+DTYPE_FIELD = Field("dtype", "dtype", None, ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2"), "output dtype of float tensors (default: the first model's; fp8 only when asked)")

@@ -54,9 +54,13 @@ def never_merged(key: str, dtype: torch.dtype) -> bool:
 
 
 def output_dtype(params: dict, first: TensorSpec) -> torch.dtype:
+    """The step's `dtype:`, else the first model's; fp8 is written only when asked for (an fp8 input gives bf16).
+    An fp8 result that overflows its format is NaN/Inf and fails the step, never written."""
     if not first.dtype.is_floating_point:
         return first.dtype
-    return DTYPE_NAMES[params["dtype"]] if params.get("dtype") else first.dtype
+    if params.get("dtype"):
+        return DTYPE_NAMES[params["dtype"]]
+    return torch.bfloat16 if first.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else first.dtype
 
 
 def dim1_compatible(a: tuple, b: tuple) -> bool:
@@ -74,6 +78,7 @@ def check_finite(t: torch.Tensor, key: str, step: str) -> None:
 
 
 CHUNK = 1 << 20
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: torch.dtype,
@@ -86,7 +91,10 @@ def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: to
     for s in range(0, out.numel(), CHUNK):
         e = min(s + CHUNK, out.numel())
         piece = out[s:e]
-        piece.copy_(fn(*[f[s:e].to(device=device, dtype=torch.float32) for f in flats], **kwargs))
+        res = fn(*[f[s:e].to(device=device, dtype=torch.float32) for f in flats], **kwargs)
+        if out_dtype in FP8 and finite and res.numel():  # fp8 casts saturate: out of range would be silently wrong
+            finite = float(res.abs().max()) <= torch.finfo(out_dtype).max
+        piece.copy_(res)
         if finite and out_dtype.is_floating_point:  # while the chunk is still in cache
             finite = math.isfinite(float(piece.sum(dtype=torch.float32)))
     return out.reshape(shape), finite
@@ -271,6 +279,9 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
             kwargs["context"] = context
         if how == "merge" and method.elementwise:
             out, finite = run_elementwise(method.fn, [m.get(key) for m in inputs], kwargs, spec.dtype, device)
+            if not finite and spec.dtype in FP8 and bool(torch.isfinite(out.float()).all()):
+                raise UserError(f"step {ctx.step!r}: tensor {key!r} exceeds the range of {spec.dtype} "
+                                f"(±{torch.finfo(spec.dtype).max:g}); fp8 without per-layer scales cannot hold it, use dtype: bf16")
             if not finite:
                 check_finite(out, key, ctx.step)
             return out.cpu().contiguous()

@@ -103,7 +103,9 @@ class Runner:
         self.store.clean_tmp()
         order = build_order(self.recipe, self.graph, targets)
         steps = [n for n in order if n in self.recipe.steps]
-        check_steps(self.recipe.steps, order, self._input_arch, self.recipe.where)
+        if any(self.planner.plan_node(n).state not in ("input", "fresh") for n in order):  # a no-op build reads nothing
+            check_steps(self.recipe.steps, order, self._input_arch, self.recipe.where,
+                        lambda n: self.input_path(n).name if n in self.recipe.inputs else n)
         for i, name in enumerate(order):
             st = self.planner.plan_node(name)
             if st.state == "input":

@@ -70,9 +70,10 @@ class OpSpec:
     output_kind: str = "checkpoint"
     formula: str = ""
     category: str = "merge"
-    # (params, input architectures (ArchInfo or None: not known before building), step name) -> raises UserError;
+    # (params, input architectures (ArchInfo or None: not known before building), step name, input labels)
+    # -> raises UserError;
     # run for every step before the first one builds (ops.check)
-    check: Callable[[dict, list, str], None] | None = None
+    check: Callable[[dict, list, str, list], None] | None = None
 
     def field(self, name: str) -> Field | None:
         for f in self.fields:

@@ -15,8 +15,9 @@ from mergekit_sd.ops import get_op
 
 
 def check_steps(steps: dict, order: list[str], input_arch: Callable[[str], ArchInfo | None],
-                where: Callable[..., str]) -> None:
-    """`steps`: name -> recipe step (op, params, refs); `order`: the build order; `where(...)` a recipe location."""
+                where: Callable[..., str], label: Callable[[str], str] = str) -> None:
+    """`steps`: name -> recipe step (op, params, refs); `order`: the build order; `where(...)` a recipe location;
+    `label(name)`: how messages name a node (an input's file name)."""
     archs: dict[str, ArchInfo | None] = {}
     for name in order:
         step = steps.get(name)
@@ -27,7 +28,7 @@ def check_steps(steps: dict, order: list[str], input_arch: Callable[[str], ArchI
         ins = [archs.get(r) for r in op.refs(step.params)]
         if op.check is not None:
             try:
-                op.check(step.params, ins, name)
+                op.check(step.params, ins, name, [label(r) for r in op.refs(step.params)])
             except UserError as e:
                 if e.where is not None:
                     raise

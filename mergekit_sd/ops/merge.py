@@ -118,10 +118,9 @@ def check_architectures(inputs: list[LazyModel], names: list[str], step: str) ->
     return archs
 
 
-def check_merge(method: Method, params: dict, archs: list, step: str) -> None:
+def check_merge(method: Method, params: dict, archs: list, step: str, names: list[str]) -> None:
     """What a merge step can know before anything is built: its inputs' architectures agree, and block weights
     have an architecture with a block map."""
-    names = params.get("models") or [params.get("model")]
     known = [(n, a) for n, a in zip(names, archs) if a is not None and a.known]
     for n, a in known[1:]:
         if not a.compatible(known[0][1]):
@@ -352,7 +351,7 @@ def _make_op(method: Method) -> OpSpec:
         build=lambda inputs, params, ctx, m=method: build_merge(m, inputs, params, ctx),
         formula=method.formula,
         category="merge",
-        check=lambda params, archs, step, m=method: check_merge(m, params, archs, step),
+        check=lambda params, archs, step, labels, m=method: check_merge(m, params, archs, step, labels),
     )
 
 

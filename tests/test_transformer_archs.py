@@ -153,3 +153,19 @@ def test_a_mistake_in_a_late_step_fails_before_anything_is_built(tmp_path, sdbui
     assert r.code == 2
     assert "recipe.yaml:" in r.err and "'late'" in r.err
     assert _objects(cache) == [] and not (tmp_path / "xl.safetensors").exists()
+
+
+def test_lora_bake_into_flux_is_refused_clearly(tmp_path, sdbuild):
+    from mergekit_sd.synth.loras import write_synth_lora
+
+    sdbuild("synth", tmp_path / "f.safetensors", "--arch", "flux", "--factor", "64", "-q")
+    write_synth_lora(tmp_path / "l.safetensors", "sd1", "lora", 64, 4, 0)
+    rp = write_recipe(tmp_path, """
+        sdbuild: 1
+        inputs: {f: f.safetensors, l: l.safetensors}
+        steps:
+          b: {op: lora, model: f, loras: [{lora: l, strength: 1}]}
+        outputs: {b: b.safetensors}
+        """)
+    r = sdbuild("build", rp, "-q")
+    assert r.code == 2 and "flux" in r.err and "SD1, SD2 and SDXL" in r.err

@@ -61,7 +61,7 @@ class ArchInfo:
     @property
     def lora_arch(self) -> str | None:
         """The LoRA module table (arch.lora_keys) that fits this model, if any."""
-        return self.arch if self.arch in LORA_ARCHES or registry.get(self.arch) is not None else None
+        return self.arch if self.arch in LORA_ARCHES else None
 
     @property
     def title(self) -> str:

@@ -93,24 +93,6 @@ def to_diffusers(key: str, shape: tuple[int, ...]) -> list[tuple[str, slice | No
     return out
 
 
-def xlabs_names(paths: list[str]) -> dict[str, tuple[str, tuple[int, ...] | None, int | None]]:
-    """XLabs LoRA modules (`double_blocks.0.processor.qkv_lora1`) -> BFL module, row split, part. `1` adapts the
-    image stream, `2` the text stream; a single block's `qkv_lora` adapts the q/k/v rows of `linear1` and its
-    `proj_lora` `linear2` (as diffusers' XLabs conversion reads them)."""
-    out: dict[str, tuple[str, tuple[int, ...] | None, int | None]] = {}
-    for i in range(DOUBLE):
-        b = f"double_blocks.{i}"
-        out.update({f"{b}.processor.qkv_lora1": (f"{b}.img_attn.qkv", None, None),
-                    f"{b}.processor.qkv_lora2": (f"{b}.txt_attn.qkv", None, None),
-                    f"{b}.processor.proj_lora1": (f"{b}.img_attn.proj", None, None),
-                    f"{b}.processor.proj_lora2": (f"{b}.txt_attn.proj", None, None)})
-    for i in range(SINGLE):
-        b = f"single_blocks.{i}"
-        out.update({f"{b}.processor.qkv_lora": (f"{b}.linear1", (3, 4), 0),
-                    f"{b}.processor.proj_lora": (f"{b}.linear2", None, None)})
-    return out
-
-
 def detect(specs: Mapping[str, TensorSpec], naming: str) -> str | None:
     """dev or schnell (schnell has no guidance embedder); None when not Flux."""
     if naming == "diffusers":
@@ -125,8 +107,7 @@ def detect(specs: Mapping[str, TensorSpec], naming: str) -> str | None:
 ARCHITECTURES = (Architecture(
     id="flux", title="Flux.1", reference="flux.json", family="flux",
     modelspec={"dev": "flux-1-dev", "schnell": "flux-1-schnell", None: "flux-1-dev"}, resolution="1024x1024",
-    kohya_base="flux1",
     components={"diffuser": ("transformer", "model.diffusion_model."), "clip_l": ("text_encoder", "text_encoders.clip_l."),
                 "t5xxl": ("text_encoder_2", "text_encoders.t5xxl."), "vae": ("vae", "vae.")},
     detect=detect, markers=MARKERS, factor_key="img_in.weight", full_width=3072, blocks=BLOCKS, block_of=block_of,
-    to_diffusers=to_diffusers, lora_names=module_map, extra_lora_names=xlabs_names),)
+    to_diffusers=to_diffusers),)

@@ -3,8 +3,7 @@
 Told apart by layout alone: 38 joint blocks is 3.5 large; 24 with a second self-attention (`attn2`) in the image
 stream is 3.5 medium (MMDiT-X); 24 without is 3 medium. Files keep the diffusion model under
 `model.diffusion_model.` and may carry `text_encoders.clip_l.`, `text_encoders.clip_g.`, `text_encoders.t5xxl.` and
-`first_stage_model.` (the VAE). The diffusers LoRA names follow diffusers' SD3 conversion: fused qkv rows are q, k, v;
-`norm_out.linear` and the last block's pre-only context modulation swap their shift and scale halves.
+`first_stage_model.` (the VAE).
 """
 
 from __future__ import annotations
@@ -37,45 +36,6 @@ def depth_of(specs: Mapping[str, TensorSpec]) -> int:
     return max(found) + 1 if found else 0
 
 
-_TOP = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
-        "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-        "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-        "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-        "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
-_X = {"attn.proj": "attn.to_out.0", "attn2.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
-      "adaLN_modulation.1": "norm1.linear", "attn.ln_q": "attn.norm_q", "attn.ln_k": "attn.norm_k",
-      "attn2.ln_q": "attn2.norm_q", "attn2.ln_k": "attn2.norm_k"}
-_C = {"attn.proj": "attn.to_add_out", "mlp.fc1": "ff_context.net.0.proj", "mlp.fc2": "ff_context.net.2",
-      "adaLN_modulation.1": "norm1_context.linear", "attn.ln_q": "attn.norm_added_q", "attn.ln_k": "attn.norm_added_k"}
-_QKV = {("x_block", "attn"): ("attn.to_q", "attn.to_k", "attn.to_v"),
-        ("x_block", "attn2"): ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-        ("context_block", "attn"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-
-
-def module_map_for(depth: int):
-    def module_map(module: str) -> list[tuple[str, tuple[int, ...] | None, int | None, bool]]:
-        """SD3 module path -> [(diffusers module path, row split, part, swap halves)]."""
-        m = re.match(r"joint_blocks\.(\d+)\.(x_block|context_block)\.(.+)$", module)
-        if m is None:
-            if module == "final_layer.adaLN_modulation.1":
-                return [("norm_out.linear", None, None, True)]
-            d = _TOP.get(module)
-            return [(d, None, None, False)] if d else []
-        n, part, rest = int(m.group(1)), m.group(2), m.group(3)
-        base = f"transformer_blocks.{n}."
-        qkv = re.match(r"(attn2?)\.qkv$", rest)
-        if qkv:
-            names = _QKV.get((part, qkv.group(1)))
-            return [(base + p, (1, 1, 1), i, False) for i, p in enumerate(names)] if names else []
-        d = (_X if part == "x_block" else _C).get(rest)
-        if d is None:
-            return []
-        swap = part == "context_block" and rest == "adaLN_modulation.1" and n == depth - 1
-        return [(base + d, None, None, swap)]
-
-    return module_map
-
-
 def _detector(want: str):
     def detect(specs: Mapping[str, TensorSpec], naming: str) -> str | None:
         if naming == "diffusers":
@@ -100,12 +60,12 @@ _COMMON = dict(
 
 ARCHITECTURES = (
     Architecture(id="sd3", title="SD3 medium", reference="sd3-medium.json", family="mmdit24",
-                 modelspec={None: "stable-diffusion-v3-medium"}, kohya_base="sd3m", detect=_detector("sd3"),
-                 full_width=1536, blocks=blocks(24), lora_names=module_map_for(24), **_COMMON),
+                 modelspec={None: "stable-diffusion-v3-medium"}, detect=_detector("sd3"),
+                 full_width=1536, blocks=blocks(24), **_COMMON),
     Architecture(id="sd35m", title="SD3.5 medium", reference="sd35-medium.json", family="mmdit24",
-                 modelspec={None: "stable-diffusion-v3.5-medium"}, kohya_base="sd3.5m", detect=_detector("sd35m"),
-                 full_width=1536, blocks=blocks(24), lora_names=module_map_for(24), **_COMMON),
+                 modelspec={None: "stable-diffusion-v3.5-medium"}, detect=_detector("sd35m"),
+                 full_width=1536, blocks=blocks(24), **_COMMON),
     Architecture(id="sd35l", title="SD3.5 large", reference="sd35-large.json", family="mmdit38",
-                 modelspec={None: "stable-diffusion-v3.5-large"}, kohya_base="sd3.5l", detect=_detector("sd35l"),
-                 full_width=2432, blocks=blocks(38), lora_names=module_map_for(38), **_COMMON),
+                 modelspec={None: "stable-diffusion-v3.5-large"}, detect=_detector("sd35l"),
+                 full_width=2432, blocks=blocks(38), **_COMMON),
 )

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from mergekit_sd.arch.components import CATEGORY_DOC, COMPONENTS, JUNK, MARKERS, broken_position_ids, classify, is_position_ids
+from mergekit_sd.arch.components import CATEGORY_DOC, COMPONENTS, JUNK, broken_position_ids, classify, is_position_ids
+from mergekit_sd.arch.prefixes import MARKERS
 from mergekit_sd.arch.vae import known_vae, vae_fingerprint
 from mergekit_sd.formats.ckpt import rename_model
 from mergekit_sd.formats.open import open_model
@@ -57,9 +58,10 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         "file": p.name,
         "format": model.info.format,
         "file_bytes": p.stat().st_size,
-        "architecture": arch.name,
-        "kind": _kind(arch.name, specs),
+        "architecture": arch.arch,
+        "kind": _kind(arch.arch, specs),
         "variant": arch.variant,
+        **({"naming": arch.naming} if arch.naming else {}),
         "modelspec_architecture": arch.modelspec,
         "tensors": len(specs),
         "bytes": model.nbytes(),
@@ -84,7 +86,7 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         v.sort()
     report["components"] = {c: _tally(model, by_cat[c]) for c in COMPONENTS if c in by_cat}
     junk_cats = {}
-    for c in JUNK if arch.name != "unknown" else ():  # no reference for a LoRA or an unknown file: nothing is junk
+    for c in JUNK if arch.arch != "unknown" else ():  # no reference for a LoRA or an unknown file: nothing is junk
         if c in by_cat:
             t = _tally(model, by_cat[c])
             junk_cats[c] = {"tensors": t["tensors"], "bytes": t["bytes"], "what": CATEGORY_DOC[c], "keys": by_cat[c]}
@@ -94,9 +96,9 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         t = _tally(model, by_cat["scheduler"])
         report["scheduler_buffers"] = {"tensors": t["tensors"], "bytes": t["bytes"]}
     report["keys"] = {
-        "reference": arch.reference or ("sd1-vae" if arch.name == "vae" and arch.variant is None else None),
+        "reference": arch.reference or ("sd1-vae" if arch.arch == "vae" and arch.variant is None else None),
         "missing": cls.missing,
-        "unexpected": by_cat.get("unknown", []) if arch.name != "unknown" else [],
+        "unexpected": by_cat.get("unknown", []) if arch.arch != "unknown" else [],
         "shape_mismatch": cls.shape_mismatch,
         "absent_components": cls.absent_components,
     }
@@ -166,7 +168,8 @@ def _size(n: int) -> str:
 def format_inspect(r: dict[str, Any]) -> str:
     """A readable report for a terminal."""
     lines: list[str] = []
-    arch = r["architecture"] + (f" ({r['variant']})" if r.get("variant") else "")
+    extra = [x for x in (r.get("variant"), f"{r['naming']} naming" if r.get("naming") else None) if x]
+    arch = r["architecture"] + (f" ({', '.join(extra)})" if extra else "")
     lines.append(f"{r['file']}  [{r['format']}, {_size(r['file_bytes'])}]")
     lines.append(f"architecture  {arch}" + (f"  (shrunk x{r['shrink_factor']})" if r.get("shrink_factor") else "")
                  + (f"  [{r['kind']}]" if r.get("kind") not in (None, "checkpoint", r["architecture"]) else ""))

@@ -15,7 +15,8 @@ from conftest import write_recipe
 from mergekit_sd.lazy import from_tensors
 from mergekit_sd.ops import OpContext
 from mergekit_sd.arch.components import broken_position_ids
-from mergekit_sd.ops.prune import build_prune, ema_key
+from mergekit_sd.arch.prefixes import ema_key
+from mergekit_sd.ops.prune import build_prune
 from mergekit_sd.synth.models import synth_tensors, write_synth
 
 POS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -176,7 +177,7 @@ def test_leftovers_aliases_scheduler_and_unknown(tmp_path):
     assert sorted(out.keys()) == sorted(synth_tensors("sdxl", 32, "fp16", 2).keys())
     rem = out.info.provenance["prune"]["removed"]
     assert rem["lora"] == {"tensors": 6, "bytes": 2 * (4 * 8 + 8 * 4 + 1) * 2}  # two modules, fp16
-    assert rem["scheduler"] == {"tensors": 12, "bytes": 12 * 4000}
+    assert rem["scheduler"] == {"tensors": 13, "bytes": 13 * 4000}
     assert rem["alias"]["tensors"] == 1 and rem["control_model"] == {"tensors": 1, "bytes": 8}
     assert rem["unknown"] == {"tensors": 1, "bytes": 12}
     kept = build_prune([m], {"keep_scheduler_buffers": True, "drop_unknown": False}, OpContext(step="p"))

@@ -13,10 +13,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Callable, Iterable
 
+from mergekit_sd.arch.prefixes import UNET, VAE as VAE_PREFIX
 from mergekit_sd.errors import UserError, did_you_mean
-
-UNET = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 
 SD_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 SDXL_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))

@@ -14,16 +14,11 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from mergekit_sd.arch.detect import detect
+from mergekit_sd.arch.detect import LORA_ARCHES as ARCHES, TITLES
+from mergekit_sd.arch.prefixes import SD1_TE, SD2_TE, SDXL_TE1, SDXL_TE2, UNET
 from mergekit_sd.arch.reference import reference_keys
 
-UNET = "model.diffusion_model."
-SD1_TE = "cond_stage_model.transformer."
-SD2_TE = "cond_stage_model.model."
-SDXL_TE1 = "conditioner.embedders.0.transformer."
-SDXL_TE2 = "conditioner.embedders.1.model."
-ARCHES = ("sd1", "sd2", "sdxl")
-ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+ARCH_TITLES = {a: TITLES[a] for a in ARCHES}
 
 RESNET_INNER = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -214,20 +209,3 @@ def default_modules(arch: str, conv: bool = False) -> dict[str, Target]:
         elif _DEFAULT_TE.search(name):
             out[name] = target
     return dict(sorted(out.items()))
-
-
-def checkpoint_arch(specs) -> str | None:
-    """sd1 / sd2 / sdxl (the architectures these tables cover), or None (unknown, or e.g. the SDXL refiner)."""
-    found = detect(specs).arch
-    if found in ARCHES:
-        return found
-    if found != "unknown":
-        return None
-    # a file holding only some LoRA-adapted layers (tests, partial exports): tell by prefixes
-    if any(k.startswith(SDXL_TE2) for k in specs):
-        return "sdxl"
-    if any(k.startswith(SD2_TE + "transformer.resblocks.") for k in specs):
-        return "sd2"
-    if any(k.startswith((UNET, SD1_TE)) for k in specs):
-        return "sd1"
-    return None

@@ -18,10 +18,13 @@ def shrink(shape: Iterable[int], factor: int) -> tuple[int, ...]:
 
 @lru_cache(maxsize=None)
 def reference(arch: str) -> dict:
-    """{"architecture": ..., "components": {component: {name: {"shape", "dtype", "optional"?}}}}"""
-    if arch not in REFERENCE_FILES:
+    """`arch` is an id of REFERENCE_FILES or a file name in data/keys/.
+
+    {"architecture": ..., "components": {component: {name: {"shape", "dtype", "optional"?}}}}"""
+    name = REFERENCE_FILES.get(arch) or (arch if arch.endswith(".json") else None)
+    if name is None:
         raise KeyError(f"no reference key list for {arch!r}; known: {', '.join(REFERENCE_FILES)}")
-    text = resources.files("mergekit_sd.data.keys").joinpath(REFERENCE_FILES[arch]).read_text()
+    text = resources.files("mergekit_sd.data.keys").joinpath(name).read_text()
     return json.loads(text)
 
 
@@ -33,3 +36,9 @@ def reference_keys(arch: str, include_optional: bool = True) -> dict[str, dict]:
             if include_optional or not e.get("optional"):
                 out[name] = dict(e, component=comp)
     return out
+
+
+def shrink(shape: Iterable[int], factor: int) -> tuple[int, ...]:
+    """A reference shape at a synthetic model's shrink factor: every dimension that is a multiple of 32 and at least
+    64 is divided, so products of shapes stay consistent (q/k/v splits and LoRA factors still fit)."""
+    return tuple(d // factor if (d % 32 == 0 and d >= 64 and factor > 1) else d for d in shape)

@@ -24,9 +24,9 @@ def add_parsers(sub) -> None:
 
     s = sub.add_parser("synth", help="write synthetic models with real tensor names (tests, demos, benchmarks)")
     s.add_argument("out", type=Path, help="output file (or folder with --demo)")
-    s.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"])
+    s.add_argument("--arch", default="sd1", choices=["sd1", "sdxl", "flux", "sd3", "sd35l", "sd35m"])
     s.add_argument("--factor", type=int, default=32, help="shrink every large dimension by this (1 = full size)")
-    s.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    s.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ema", action="store_true", help="add EMA copies of the UNet")
     s.add_argument("--junk", action="store_true", help="add an embedding_manager copy of CLIP")
@@ -34,7 +34,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--inpainting", action="store_true", help="9-channel input conv")
     s.add_argument("--lora", metavar="FORMAT", help="write a LoRA of this format instead of a checkpoint")
     s.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    s.add_argument("--naming", choices=("sgm", "diffusers"), default=None, help="LoRA UNet module naming (default: kohya's)")
+    s.add_argument("--naming", choices=("sgm", "diffusers", "comfyui", "bfl", "kohya", "xlabs"), default=None,
+                   help="LoRA module naming (default: kohya's); Flux/SD3 checkpoints: comfyui (default), bfl or diffusers")
+    s.add_argument("--diffusion-only", action="store_true", help="Flux/SD3 in ComfyUI naming: no text encoders or VAE")
+    s.add_argument("--variant", choices=("dev", "schnell"), default=None, help="Flux: dev (default) or schnell (no guidance embedder)")
     s.add_argument("--demo", action="store_true", help="write the demo's input models into the folder OUT")
     add_common(s)
 
@@ -82,8 +85,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
         path = write_synth_lora(args.out, arch=args.arch, format=args.lora, factor=args.factor, rank=args.rank, seed=args.seed,
                                 naming=args.naming)
     else:
-        path = write_synth(args.out, args.arch, args.factor, args.dtype, args.seed, ema=args.ema, junk=args.junk,
-                           markers=args.markers, inpainting=args.inpainting)
+        from mergekit_sd.synth.models import TRANSFORMER_ARCHES
+
+        if args.arch in TRANSFORMER_ARCHES:
+            path = write_synth(args.out, args.arch, args.factor, args.dtype, args.seed, naming=args.naming or "comfyui",
+                               diffusion_only=args.diffusion_only, variant=args.variant)
+        else:
+            path = write_synth(args.out, args.arch, args.factor, args.dtype, args.seed, ema=args.ema, junk=args.junk,
+                               markers=args.markers, inpainting=args.inpainting)
     if not args.quiet:
         print(path)
     return 0

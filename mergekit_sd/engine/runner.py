@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mergekit_sd.arch.detect import detect, model_kind
+from mergekit_sd.arch.detect import ArchInfo, detect, model_kind
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.planner import NodeState, Planner
 from mergekit_sd.engine.remote_cache import RemoteCache
@@ -29,6 +29,7 @@ from mergekit_sd.formats.prefetch import default_workers, intra_op_threads
 from mergekit_sd.formats.safetensors import SafetensorsFile, header_size, read_header, write_model
 from mergekit_sd.lazy import LazyModel
 from mergekit_sd.ops import OpContext, get_op
+from mergekit_sd.ops.check import check_steps
 from mergekit_sd.provenance.record import NodeFacts, build_metadata, read_provenance
 from mergekit_sd.recipe.graph import build_order
 from mergekit_sd.remote.s3 import RemoteStore
@@ -104,6 +105,13 @@ class Runner:
             m.label = f"step {name!r}"
         return annotate(m)
 
+    def _input_arch(self, name: str) -> ArchInfo | None:
+        """An input's architecture from its safetensors header (other containers are known only once opened)."""
+        path = self.input_path(name)
+        if path.suffix.lower() != ".safetensors":
+            return None
+        return detect(read_header(path)[0])
+
     def build(self, targets: list[str] | None = None, compute: bool = True) -> BuildReport:
         """Bring every target up to date; with `compute=False` (pull) stale steps may only come from the remote."""
         report = BuildReport()
@@ -112,6 +120,9 @@ class Runner:
         self.store.clean_tmp()
         order = build_order(self.recipe, self.graph, targets)
         steps = [n for n in order if n in self.recipe.steps]
+        if any(self.planner.plan_node(n).state not in ("input", "fresh") for n in order):  # a no-op build reads nothing
+            check_steps(self.recipe.steps, order, self._input_arch, self.recipe.where,
+                        lambda n: self.input_path(n).name if n in self.recipe.inputs else n)
         for i, name in enumerate(order):
             st = self.planner.plan_node(name)
             if st.state == "input":

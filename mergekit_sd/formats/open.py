@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mergekit_sd.formats.fp8 import dequantise_scaled_fp8
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel
 from mergekit_sd.formats.ckpt import open_ckpt, rename_model
@@ -26,7 +27,7 @@ def open_model(path: str | os.PathLike) -> LazyModel:
     if ext in PICKLE_EXT:
         return open_ckpt(p)
     if ext in SAFETENSORS_EXT or ext == "":
-        return rename_model(SafetensorsFile(p).lazy())
+        return dequantise_scaled_fp8(rename_model(SafetensorsFile(p).lazy()))
     raise UserError(f"unsupported model file type {ext!r}; use .safetensors (or a legacy .ckpt/.pt)", str(p))
 
 

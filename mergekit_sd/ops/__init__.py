@@ -70,6 +70,10 @@ class OpSpec:
     output_kind: str = "checkpoint"
     formula: str = ""
     category: str = "merge"
+    # (params, input architectures (ArchInfo or None: not known before building), step name, input labels)
+    # -> raises UserError;
+    # run for every step before the first one builds (ops.check)
+    check: Callable[[dict, list, str, list], None] | None = None
 
     def field(self, name: str) -> Field | None:
         for f in self.fields:
@@ -132,4 +136,4 @@ def op_defaults(name: str) -> dict[str, Any] | None:
     return {f.name: (None if f.required else f.default) for f in spec.fields}
 
 
-DTYPE_FIELD = Field("dtype", "dtype", None, ("fp16", "bf16", "fp32"), "output dtype of float tensors (default: the first model's)")
+DTYPE_FIELD = Field("dtype", "dtype", None, ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2"), "output dtype of float tensors (default: the first model's; fp8 only when asked)")

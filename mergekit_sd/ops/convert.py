@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_sd.arch.components import MARKERS
+from mergekit_sd.arch.prefixes import MARKERS
 from mergekit_sd.errors import StepError
 from mergekit_sd.lazy import LazyModel, TensorSpec
 from mergekit_sd.formats.safetensors import CODE_OF, DTYPE_NAMES

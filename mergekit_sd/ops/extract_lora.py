@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, checkpoint_arch, default_modules
+from mergekit_sd.arch.detect import detect
+from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, default_modules
+from mergekit_sd.arch.modelspec import IMPLEMENTATION, KOHYA_BASE_VERSION, lora_modelspec, modelspec_id
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, ModelInfo, TensorSpec
 from mergekit_sd.lora.svd import factor_rank, svd_factor
@@ -23,9 +25,6 @@ from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
 from mergekit_sd.ops.merge import check_finite
 
 VERSION = 1
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 
 
 def lora_metadata(arch: str, name: str, rank: int | str, conv_rank: int | None, module: str = "networks.lora",
@@ -38,10 +37,10 @@ def lora_metadata(arch: str, name: str, rank: int | str, conv_rank: int | None, 
         "ss_network_module": module,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)) if isinstance(rank, int) else str(rank),
-        "ss_base_model_version": BASE_MODEL_VERSION[arch],
+        "ss_base_model_version": KOHYA_BASE_VERSION[arch],
         "ss_v2": "True" if arch == "sd2" else "False",
         "ss_output_name": name,
-        "modelspec.architecture": MODELSPEC_ARCH[arch] + "/lora",
+        "modelspec.architecture": lora_modelspec(arch),
         "modelspec.implementation": IMPLEMENTATION[arch],
     }
     if args:
@@ -78,8 +77,8 @@ def build_extract(inputs: list[LazyModel], params: dict, ctx: OpContext) -> Lazy
         raise UserError(f"step {ctx.step!r}: extract_lora takes models: [base, tuned], got {len(inputs)} models")
     base, tuned = inputs
     labels = ctx.input_labels or [base.label, tuned.label]
-    arch = checkpoint_arch(base.specs)
-    other = checkpoint_arch(tuned.specs)
+    arch = detect(base.specs, partial=True).lora_arch
+    other = detect(tuned.specs, partial=True).lora_arch
     if arch is None:
         raise UserError(f"step {ctx.step!r}: cannot tell the architecture of {labels[0]} (SD1, SD2 or SDXL expected)")
     if other != arch:
@@ -158,7 +157,7 @@ def build_extract(inputs: list[LazyModel], params: dict, ctx: OpContext) -> Lazy
         check_finite(out, key, ctx.step)
         return out.to(spec.dtype).contiguous()
 
-    info = ModelInfo(architecture=MODELSPEC_ARCH[arch], provenance={
+    info = ModelInfo(architecture=modelspec_id(arch), provenance={
         "architecture": arch, "rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp, "min_diff": min_diff,
         "modules": len(modules), "text_encoder": te_note, "factoring": "fp64 SVD on the CPU, up = U*S, down = Vh, alpha = rank"})
     meta = lora_metadata(arch, ctx.step, rank, conv_rank)

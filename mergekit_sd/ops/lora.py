@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from mergekit_sd.arch.detect import detect
-from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, checkpoint_arch, table
+from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, table
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, TensorSpec
 from mergekit_sd.lora.delta import (
@@ -125,9 +125,9 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
     model, lora_models = inputs[0], inputs[1:]
     entries = params["loras"]
     model_label = ctx.input_labels[0] if ctx.input_labels else (model.label or "the model")
-    arch = checkpoint_arch(model.specs)
+    found = detect(model.specs, partial=True)
+    arch = found.lora_arch
     if arch is None:
-        found = detect(model.specs)
         what = f"is {found.describe()}" if found.known else "has an architecture sdbuild cannot tell"
         raise UserError(f"step {ctx.step!r}: {model_label} {what}; LoRAs bake into SD1, SD2 and SDXL base models")
     tab = table(arch)

@@ -20,6 +20,7 @@ import torch
 
 from mergekit_sd.arch.blocks import (
     DEFAULT_RULE,
+    FAMILY_BLOCKS,
     RULES,
     compile_elemental,
     compile_inex,
@@ -53,9 +54,13 @@ def never_merged(key: str, dtype: torch.dtype) -> bool:
 
 
 def output_dtype(params: dict, first: TensorSpec) -> torch.dtype:
+    """The step's `dtype:`, else the first model's; fp8 is written only when asked for (an fp8 input gives bf16).
+    An fp8 result that overflows its format is NaN/Inf and fails the step, never written."""
     if not first.dtype.is_floating_point:
         return first.dtype
-    return DTYPE_NAMES[params["dtype"]] if params.get("dtype") else first.dtype
+    if params.get("dtype"):
+        return DTYPE_NAMES[params["dtype"]]
+    return torch.bfloat16 if first.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else first.dtype
 
 
 def dim1_compatible(a: tuple, b: tuple) -> bool:
@@ -73,6 +78,7 @@ def check_finite(t: torch.Tensor, key: str, step: str) -> None:
 
 
 CHUNK = 1 << 20
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: torch.dtype,
@@ -85,7 +91,10 @@ def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: to
     for s in range(0, out.numel(), CHUNK):
         e = min(s + CHUNK, out.numel())
         piece = out[s:e]
-        piece.copy_(fn(*[f[s:e].to(device=device, dtype=torch.float32) for f in flats], **kwargs))
+        res = fn(*[f[s:e].to(device=device, dtype=torch.float32) for f in flats], **kwargs)
+        if out_dtype in FP8 and finite and res.numel():  # fp8 casts saturate: out of range would be silently wrong
+            finite = float(res.abs().max()) <= torch.finfo(out_dtype).max
+        piece.copy_(res)
         if finite and out_dtype.is_floating_point:  # while the chunk is still in cache
             finite = math.isfinite(float(piece.sum(dtype=torch.float32)))
     return out.reshape(shape), finite
@@ -102,10 +111,30 @@ def check_architectures(inputs: list[LazyModel], names: list[str], step: str) ->
     ref = next((i for i, a in enumerate(archs) if a.known), None)
     if ref is not None:
         for i, a in enumerate(archs):
-            if a.known and a.arch != archs[ref].arch:
+            if a.known and not a.compatible(archs[ref]):
                 raise UserError(f"step {step!r}: cannot merge {names[ref]} ({archs[ref].describe()}) with {names[i]} ({a.describe()}): "
-                                "different model architectures")
+                                "different model architectures" + ("" if a.arch != archs[ref].arch else
+                                                    "; convert both to one naming (docs/architectures.md#namings)"))
     return archs
+
+
+def check_merge(method: Method, params: dict, archs: list, step: str, names: list[str]) -> None:
+    """What a merge step can know before anything is built: its inputs' architectures agree, and block weights
+    have an architecture with a block map."""
+    known = [(n, a) for n, a in zip(names, archs) if a is not None and a.known]
+    for n, a in known[1:]:
+        if not a.compatible(known[0][1]):
+            raise UserError(f"step {step!r}: cannot merge {known[0][0]} ({known[0][1].describe()}) with {n} ({a.describe()}): "
+                            "different model architectures" + ("" if a.arch != known[0][1].arch else
+                                                              "; convert both to one naming (docs/architectures.md#namings)"))
+    first = archs[0] if archs else None
+    if first is None:
+        return
+    family = first.family if first.family in FAMILY_BLOCKS else None
+    for p in method.params:
+        if p.kind == "weight" and is_block_weight(params.get(p.name)) and family is None:
+            raise UserError(f"step {step!r}: block weights for {p.name!r} need SD1, SD2 or SDXL, but {names[0]} is "
+                            f"{first.describe()}; use a number")
 
 
 class ResolvedWeights:
@@ -128,7 +157,7 @@ def resolve_weights(method: Method, params: dict, plan: dict[str, str], arch: Ar
     explicit_rule = params.get("block_rule")
     varying = [n for n, v in values.items() if is_block_weight(v)]
     blocky = bool(varying or elemental or include or exclude or explicit_rule)
-    family = arch.family
+    family = arch.family if arch.family in FAMILY_BLOCKS else None
     if varying and family is None:
         raise UserError(f"step {step!r}: block weights for {varying[0]!r} need a known architecture (SD1, SD2 or SDXL), "
                         f"but {label} is {arch.describe()}; use a number")
@@ -249,6 +278,9 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
             kwargs["context"] = context
         if how == "merge" and method.elementwise:
             out, finite = run_elementwise(method.fn, [m.get(key) for m in inputs], kwargs, spec.dtype, device)
+            if not finite and spec.dtype in FP8 and bool(torch.isfinite(out.float()).all()):
+                raise UserError(f"step {ctx.step!r}: tensor {key!r} exceeds the range of {spec.dtype} "
+                                f"(±{torch.finfo(spec.dtype).max:g}); fp8 without per-layer scales cannot hold it, use dtype: bf16")
             if not finite:
                 check_finite(out, key, ctx.step)
             return out.cpu().contiguous()
@@ -319,6 +351,7 @@ def _make_op(method: Method) -> OpSpec:
         build=lambda inputs, params, ctx, m=method: build_merge(m, inputs, params, ctx),
         formula=method.formula,
         category="merge",
+        check=lambda params, archs, step, labels, m=method: check_merge(m, params, archs, step, labels),
     )
 
 

@@ -25,7 +25,8 @@ from mergekit_sd.lora.strength import compile_strength, entries_schema, validate
 from mergekit_sd.lora.svd import factor_rank, svd_factor
 from mergekit_sd.formats.safetensors import DTYPE_NAMES
 from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
-from mergekit_sd.ops.extract_lora import MODELSPEC_ARCH, _validate_quantile, _validate_rank, lora_metadata
+from mergekit_sd.arch.modelspec import modelspec_id
+from mergekit_sd.ops.extract_lora import _validate_quantile, _validate_rank, lora_metadata
 from mergekit_sd.ops.merge import check_finite
 
 VERSION = 1
@@ -233,7 +234,7 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
                                       for e, p in zip(entries, parsed)]}
     if mode == "svd":
         prov.update({"rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp})
-    return LazyModel(specs, produce, meta, label=ctx.step, info=ModelInfo(architecture=MODELSPEC_ARCH[arch], provenance=prov))
+    return LazyModel(specs, produce, meta, label=ctx.step, info=ModelInfo(architecture=modelspec_id(arch), provenance=prov))
 
 
 register_op(OpSpec(

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from mergekit_sd.arch.components import COMPONENTS, UNET, broken_position_ids, classify, is_position_ids
+from mergekit_sd.arch.components import COMPONENTS, broken_position_ids, classify, is_position_ids
+from mergekit_sd.arch.prefixes import ema_key
 from mergekit_sd.formats.ckpt import rename_model
 from mergekit_sd.errors import UserError, did_you_mean
 from mergekit_sd.lazy import LazyModel, TensorSpec
@@ -24,9 +25,6 @@ from mergekit_sd.ops.convert import cast_model
 VERSION = 1
 
 
-def ema_key(unet_key: str) -> str:
-    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight` (LDM's naming)."""
-    return "model_ema.diffusion_model" + unet_key[len(UNET):].replace(".", "")
 
 
 def _components(value: Any, where: str) -> list[str] | None:
@@ -49,9 +47,9 @@ def build_prune(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMo
     label = (ctx.input_labels or [model.label])[0] or model.label
     specs = model.specs
     cls = classify(specs)
-    if cls.arch.name in ("unknown", "vae"):
+    if not cls.arch.known:
         raise UserError(f"step {ctx.step!r}: cannot tell which model architecture {label} is "
-                        f"({'a standalone VAE' if cls.arch.name == 'vae' else 'no SD1/SD2/SDXL keys found'}); prune needs it to know what to keep")
+                        f"({'a standalone VAE' if cls.arch.arch == 'vae' else 'no SD1/SD2/SDXL keys found'}); prune needs it to know what to keep")
     use_ema = _use_ema(params, ctx.step)
     keep = params.get("components")
     drop = params.get("drop_components")
@@ -85,14 +83,14 @@ def build_prune(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMo
             removed.setdefault(cat if cat not in COMPONENTS else f"component:{cat}", []).append(key)
 
     out_specs = {k: specs[k] for k in kept}
-    facts: dict[str, Any] = {"architecture": cls.arch.name, "ema": "use" if use_ema else "drop"}
+    facts: dict[str, Any] = {"architecture": cls.arch.arch, "ema": "use" if use_ema else "drop"}
     renamed = model.info.provenance.get("renamed")
     if renamed:
         facts["renamed"] = renamed
         ctx.warn(f"renamed {renamed} legacy text-encoder tensors to the standard layout")
     if cls.missing:
         facts["missing_reference_tensors"] = len(cls.missing)
-        ctx.warn(f"{label} lacks {len(cls.missing)} tensors of the {cls.arch.name} key list, e.g. {cls.missing[0]}")
+        ctx.warn(f"{label} lacks {len(cls.missing)} tensors of the {cls.arch.arch} key list, e.g. {cls.missing[0]}")
     if use_ema:
         unet = [k for k in kept if cls.category[k] == "unet"]
         absent = [k for k in unet if ema_key(k) not in specs]
@@ -147,7 +145,7 @@ def build_prune(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMo
     if unknown:
         facts["unknown_removed"] = unknown[:50]
     if not drop_unknown and (kept_unknown := [k for k in kept if cls.category[k] == "unknown"]):
-        ctx.warn(f"kept {len(kept_unknown)} tensors not in the {cls.arch.name} key list (drop_unknown: false), e.g. {kept_unknown[0]}")
+        ctx.warn(f"kept {len(kept_unknown)} tensors not in the {cls.arch.arch} key list (drop_unknown: false), e.g. {kept_unknown[0]}")
     if not kept:
         raise UserError(f"step {ctx.step!r}: prune would remove every tensor of {label}")
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from mergekit_sd.arch.components import VAE, guess_arch
+from mergekit_sd.arch.detect import detect
+from mergekit_sd.arch.prefixes import UNET, VAE
 from mergekit_sd.arch.reference import reference_keys, shrink
 from mergekit_sd.arch.vae import known_vae, vae_fingerprint
 from mergekit_sd.errors import UserError
@@ -122,9 +123,9 @@ def build_vae(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMode
         raise UserError(f"step {ctx.step!r}: {labels[1]} ({layout} layout) lacks {len(missing)} of the {len(ref)} VAE tensors, "
                         f"e.g. {', '.join(missing[:3])}; nothing was baked")
     target_specs = model.specs
-    arch = guess_arch(target_specs)
+    arch = detect(target_specs)
     existing = [k for k in target_specs if k.startswith(VAE)]
-    fallback = next((s.dtype for k, s in sorted(target_specs.items()) if k.startswith("model.diffusion_model.") and s.dtype.is_floating_point), None)
+    fallback = next((s.dtype for k, s in sorted(target_specs.items()) if k.startswith(UNET) and s.dtype.is_floating_point), None)
     specs = dict(target_specs)
     plan: dict[str, tuple[str, bool]] = {}  # output key -> (source key, reshape 2-D attn to 1x1 conv)
     for name, full_shape in sorted(ref.items()):
@@ -135,7 +136,7 @@ def build_vae(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMode
             want = target_specs[out_key].shape
             dtype = target_specs[out_key].dtype
         else:
-            want = shrink(full_shape, arch.factor) if arch.name != "unknown" else sspec.shape
+            want = shrink(full_shape, arch.factor) if arch.arch != "unknown" else sspec.shape
             if len(want) == 4 and len(sspec.shape) == 2 and want[2:] == (1, 1):
                 want = sspec.shape + (1, 1)
             dtype = fallback or sspec.dtype
@@ -172,7 +173,7 @@ def build_vae(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMode
     known = known_vae(fp)
     if known:
         facts["known_as"] = known
-        if arch.name.startswith("sdxl"):
+        if arch.arch.startswith("sdxl"):
             ctx.warn(f"the VAE of {labels[1]} looks like the {known} VAE (fingerprint {fp}), made for SD1/SD2, baked into an SDXL model")
     ctx.warn(f"baked {len(plan)} VAE tensors from {labels[1]} ({layout} layout): {replaced} replaced, {len(plan) - replaced} added"
              + (f"; {len(ignored)} other tensors of the VAE file ignored" if ignored else ""))

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from mergekit_sd import TOOL
 from mergekit_sd.arch.blocks import DEFAULT_RULE
+from mergekit_sd.arch.modelspec import resolution
 from mergekit_sd.formats.digests import canonical
 from mergekit_sd.provenance.a1111 import input_from_metadata, merge_fields
 
@@ -38,8 +39,6 @@ LINEAGE_LIMIT = 4_000_000
 # kohya `ss_*` values longer than this (tag frequencies, dataset folders) are summarised, not copied
 FOREIGN_VALUE_LIMIT = 4096
 FOREIGN_KEYS = ("sd_merge_recipe", "sd_merge_models", "modelspec.title", "modelspec.architecture", "modelspec.author")
-RESOLUTION = {"stable-diffusion-v1": "512x512", "stable-diffusion-v2-512": "512x512", "stable-diffusion-v2-768-v": "768x768",
-              "stable-diffusion-xl-v1-base": "1024x1024", "stable-diffusion-xl-v1-refiner": "1024x1024"}
 
 
 @dataclass
@@ -234,7 +233,11 @@ def modelspec_fields(recipe, node: str, nodes: list[NodeFacts], architecture: st
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": card.pop("title", None) or (recipe.name if node in recipe.outputs else f"{recipe.name}/{node}"),
     }
-    res = RESOLUTION.get(architecture or "")
+    declared = {(n.credits or {}).get("prediction_type") or (n.metadata or {}).get("modelspec.prediction_type")
+                for n in nodes if n.kind == "input"} - {None, ""}
+    # inputs that say what they predict agree: so does the merge
+    prediction = card.get("prediction_type") or (next(iter(declared)) if len(declared) == 1 else None)
+    res = resolution(architecture, prediction)
     if res:
         out["modelspec.resolution"] = card.pop("resolution", res)
     titles = []
@@ -243,11 +246,8 @@ def modelspec_fields(recipe, node: str, nodes: list[NodeFacts], architecture: st
             titles.append((n.metadata or {}).get("modelspec.title") or (n.file or n.name).rsplit(".", 1)[0])
     if titles:
         out["modelspec.merged_from"] = ", ".join(titles)
-    if "prediction_type" not in card and output_kind != "lora":
-        declared = {(n.credits or {}).get("prediction_type") or (n.metadata or {}).get("modelspec.prediction_type")
-                    for n in nodes if n.kind == "input"} - {None, ""}
-        if len(declared) == 1:  # inputs that say what they predict agree: so does the merge
-            out["modelspec.prediction_type"] = declared.pop()
+    if "prediction_type" not in card and output_kind != "lora" and prediction is not None:
+        out["modelspec.prediction_type"] = prediction
     for k, v in card.items():
         out[f"modelspec.{k}"] = v
     return out

@@ -23,7 +23,7 @@ INPUT_FIELDS = ("path", "sha256", "author", "url", "prediction_type", "descripti
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 MAX_YAML_NODES = 200_000
 MAX_DEPTH = 64
-DTYPES = ("fp16", "bf16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)

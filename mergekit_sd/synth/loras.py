@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mergekit_sd.arch.modelspec import KOHYA_BASE_VERSION, lora_modelspec
 from mergekit_sd.arch.lora_keys import UNET, Target, default_modules, kohya, ldm_to_diffusers, table
 from mergekit_sd.errors import UserError
 from mergekit_sd.synth.models import synth_specs
@@ -26,8 +27,7 @@ FORMATS = ("lora", "locon", "tucker", "loha", "lokr", "full", "norm", "ia3", "do
            "peft", "peft_dora", "peft_raw", "diffusers_old", "oft", "glora")
 NETWORK_MODULE = {"lora": "networks.lora", "peft": "networks.lora", "peft_dora": "networks.lora",
                   "peft_raw": "networks.lora", "diffusers_old": "networks.lora"}
-BASE_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
+ARCHES = ("sd1", "sdxl")
 
 
 def factorization(dim: int) -> tuple[int, int]:
@@ -82,8 +82,8 @@ def synth_lora(arch: str = "sd1", format: str = "lora", factor: int = 32, rank: 
     """
     if format not in FORMATS:
         raise UserError(f"unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
-    if arch not in BASE_VERSION:
-        raise UserError(f"synthetic LoRAs exist for {', '.join(BASE_VERSION)}, not {arch!r}")
+    if arch not in ARCHES:
+        raise UserError(f"synthetic LoRAs exist for {', '.join(ARCHES)}, not {arch!r}")
     specs = synth_specs(arch, factor, "fp32")
     tab = table(arch)
     mods = _modules(arch, format, specs)
@@ -192,9 +192,9 @@ def synth_lora(arch: str = "sd1", format: str = "lora", factor: int = 32, rank: 
             out[f"{mname}.{suffix}"] = v if not v.dtype.is_floating_point else v.to(fdt)
     meta: dict[str, str] = {}
     if metadata:
-        meta = {"ss_base_model_version": BASE_VERSION[arch], "ss_network_dim": str(rank), "ss_network_alpha": str(a),
+        meta = {"ss_base_model_version": KOHYA_BASE_VERSION[arch], "ss_network_dim": str(rank), "ss_network_alpha": str(a),
                 "ss_network_module": NETWORK_MODULE.get(format, "lycoris.kohya"), "ss_output_name": f"synth-{format}",
-                "ss_v2": "False", "modelspec.architecture": MODELSPEC[arch] + "/lora",
+                "ss_v2": "False", "modelspec.architecture": lora_modelspec(arch),
                 "modelspec.sai_model_spec": "1.0.1", "modelspec.title": f"synthetic {format} LoRA",
                 "sdbuild.synthetic": f"{arch} {format} factor={factor} rank={rank} seed={seed}"}
         if format not in NETWORK_MODULE:

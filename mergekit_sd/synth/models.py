@@ -8,25 +8,22 @@ tensor name, so adding or removing keys never changes the other tensors.
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 import torch
 
+from mergekit_sd.arch.prefixes import MARKERS, SCHEDULER_BUFFERS, UNET, ema_key
 from mergekit_sd.arch.reference import reference_keys, shrink
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, TensorSpec
 from mergekit_sd.formats.atomic import atomic_path
 from mergekit_sd.formats.safetensors import DTYPE_NAMES, write_model
+from mergekit_sd.synth.transformers import transformer_model
+from mergekit_sd.synth.values import broken_ids, synth_value  # noqa: F401  (re-exported: tests and loras use them)
 from mergekit_sd.ops.vae import ldm_to_diffusers
 
 ARCHES = ("sd1", "sdxl")
-MARKERS = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
-
-
-def ema_name(key: str) -> str:
-    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`."""
-    return "model_ema.diffusion_model" + key[len("model.diffusion_model."):].replace(".", "")
+TRANSFORMER_ARCHES = ("flux", "sd3", "sd35l", "sd35m")
 
 
 def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema: bool = False, junk: bool = False,
@@ -47,14 +44,14 @@ def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema
         if name.endswith("position_ids") and not position_ids:
             continue
         shape = shrink(e["shape"], factor)
-        if inpainting and name == "model.diffusion_model.input_blocks.0.0.weight":
+        if inpainting and name == UNET + "input_blocks.0.0.weight":
             shape = (shape[0], 9) + shape[2:]
         specs[name] = TensorSpec(torch.int64 if e["dtype"] == "int64" else fdt, shape)
         if broken_position_ids and name.endswith("position_ids"):
             specs[name] = TensorSpec(torch.float32, shape)  # what naive merges leave behind (docs/formats.md §1.9)
     if ema:
-        for name in [n for n in specs if n.startswith("model.diffusion_model.")]:
-            specs[ema_name(name)] = specs[name]
+        for name in [n for n in specs if n.startswith(UNET)]:
+            specs[ema_key(name)] = specs[name]
         specs["model_ema.decay"] = TensorSpec(torch.float32, ())
         specs["model_ema.num_updates"] = TensorSpec(torch.int32, ())
     if junk:
@@ -73,39 +70,14 @@ def synth_specs(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", *, ema
     return specs
 
 
-SCHEDULER_BUFFERS = ("alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod",
-                     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
-                     "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                     "sqrt_recipm1_alphas_cumprod")
-
-
-def broken_ids(n: int = 77) -> torch.Tensor:
-    """Float position ids as a naive merge leaves them: every 7th id sits just below its integer (e.g. 75.9975)."""
-    t = torch.arange(n, dtype=torch.float32)
-    t[6::7] -= 0.0025
-    return t
-
-
-def synth_value(name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
-    """Deterministic values for one tensor: position ids count up, norms sit near 1, weights near 0."""
-    if name.endswith("position_ids"):
-        if spec.dtype.is_floating_point:
-            return broken_ids(spec.numel).reshape(spec.shape).to(spec.dtype)
-        return torch.arange(spec.numel, dtype=torch.int64).reshape(spec.shape)
-    if name == "model_ema.num_updates":
-        return torch.tensor(1000, dtype=torch.int32)
-    if not spec.dtype.is_floating_point:
-        return torch.zeros(spec.shape, dtype=spec.dtype)
-    if name == "model_ema.decay":
-        return torch.tensor(0.9999, dtype=spec.dtype)
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFFFFFFFFFF)
-    t = torch.randn(spec.shape, generator=g, dtype=torch.float32) * 0.05
-    if "norm" in name and name.endswith(".weight"):
-        t += 1.0
-    return t.to(spec.dtype)
-
-
 def synth_model(arch: str = "sd1", factor: int = 32, dtype: str = "fp16", seed: int = 0, **options) -> LazyModel:
+    """A synthetic model; Flux and SD3/3.5 (synth.transformers) take `naming`, `diffusion_only` and `variant`."""
+    if arch in TRANSFORMER_ARCHES:
+        if dtype not in DTYPE_NAMES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+        if factor < 1:
+            raise UserError("factor must be a positive integer")
+        return transformer_model(arch, factor, DTYPE_NAMES[dtype], seed, **options)
     specs = synth_specs(arch, factor, dtype, **options)
     return LazyModel(specs, lambda n: synth_value(n, specs[n], seed), {}, label=f"synth-{arch}")
 

@@ -56,7 +56,9 @@ def test_first_build_reads_each_input_byte_once(tmp_path, model_dir, sdbuild, mo
     files = [model_dir / f"{n}.safetensors" for n in "ab"]
     data = sum(f.stat().st_size for f in files)
     headers = sum(tensorio.SafetensorsFile(f).data_start for f in files)
-    assert reads[0] <= data + 2 * headers  # tensor bytes once (a header is parsed twice); a separate pass: twice
+    # tensor bytes once (headers are parsed by planning, the pre-build validation and the read itself); a separate
+    # hashing pass would read every tensor byte twice
+    assert reads[0] <= data + 6 * headers < 2 * data - headers
     db = StateDB(tmp_path / "cache")
     for n in "ab":
         p = (model_dir / f"{n}.safetensors").resolve()

@@ -19,6 +19,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--device", default="cpu", help="where merge math runs: cpu (default) or cuda")
     b.add_argument("--locked", action="store_true", help="refuse inputs that differ from RECIPE.lock")
     add_remote_options(b)
+    b.add_argument("--strict", action="store_true", help="a licence conflict in an output's model card is an error (exit 2)")
     add_common(b)
 
     pl = sub.add_parser("plan", help="show each node's key, state and reason; runs nothing")
@@ -43,7 +44,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     key = stamp.stamp_key(args.recipe, {"nodes": args.nodes, "out_dir": os.path.abspath(args.out_dir) if args.out_dir else None,
                                         "cache": os.path.abspath(cache), "models": [os.path.abspath(m) for m in args.models],
                                         "locked": args.locked, "device": args.device, "remote": remote_url(args),
-                                        "remote_endpoint": args.remote_endpoint, "remote_read_only": args.remote_read_only})
+                                        "remote_endpoint": args.remote_endpoint, "remote_read_only": args.remote_read_only,
+                                        "strict": args.strict})
     report = stamp.check(cache, key)
     if report is None:
         report = _build(args, key)

@@ -56,4 +56,5 @@ def options(args: argparse.Namespace) -> Options:
     return Options(cache_dir=cache_dir(args), out_dir=getattr(args, "out_dir", None), models=list(getattr(args, "models", [])),
                    device=getattr(args, "device", "cpu"), quiet=args.quiet, progress=Progress(args.quiet),
                    remote=remote_url(args), remote_endpoint=getattr(args, "remote_endpoint", None),
-                   remote_read_only=getattr(args, "remote_read_only", False))
+                   remote_read_only=getattr(args, "remote_read_only", False),
+                   strict=getattr(args, "strict", False))

@@ -37,3 +37,4 @@ class Options:
     remote: str | None = None  # s3://bucket/prefix of a shared cache
     remote_endpoint: str | None = None  # else $AWS_ENDPOINT_URL, else AWS
     remote_read_only: bool = False
+    strict: bool = False  # a licence conflict in an output's model card is an error

@@ -207,6 +207,8 @@ class Planner:
         for node, rels in self.recipe.outputs.items():
             if node in self.states:
                 files += [self.out_dir() / r for r in rels]
+                if node in self.recipe.cards:
+                    files.append(self.out_dir() / self.recipe.cards[node])
         return files
 
     # -- outputs --------------------------------------------------------------------------------------------------

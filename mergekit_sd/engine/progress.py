@@ -1,4 +1,5 @@
-"""Progress on a terminal (per step and per tensor); silent in pipes and with --quiet."""
+"""Progress on a terminal (per step and per tensor, with bytes per second and time left); silent in pipes and
+with --quiet. Bars are drawn by tqdm, which keeps rates and ETAs smoothed and redraws at a bounded rate."""
 
 from __future__ import annotations
 
@@ -6,22 +7,28 @@ import sys
 import time
 from typing import Callable, TextIO
 
+from tqdm import tqdm
+
 
 class Progress:
     def __init__(self, quiet: bool = False, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.live = not quiet and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._last = 0.0
+        self._bar: tqdm | None = None
+        self._step: str | None = None
+        self._last = 0.0  # when bytes_callback last drew
 
     def line(self, text: str) -> None:
         """A durable message (step started, built, fresh); shown unless quiet."""
         if self.quiet:
             return
-        if self.live:
-            self.stream.write("\r\x1b[2K")
+        if self._bar is not None:
+            self._bar.clear()
         self.stream.write(text + "\n")
         self.stream.flush()
+        if self._bar is not None:
+            self._bar.refresh()
 
     def warn(self, text: str) -> None:
         """Warnings are shown even in pipes; --quiet hides them too."""
@@ -43,18 +50,24 @@ class Progress:
 
         return on_bytes
 
-    def tensor(self, step: str, done: int, total: int, name: str) -> None:
-        """A transient per-tensor bar, redrawn at most ten times a second, terminals only."""
+    def tensor(self, step: str, done: int, total: int, name: str, nbytes: int = 0, total_bytes: int = 0) -> None:
+        """One tensor of a step written: a transient bar with bytes/s and ETA (terminals only)."""
         if not self.live:
             return
-        now = time.monotonic()
-        if done < total and now - self._last < 0.1:
-            return
-        self._last = now
-        width = 24
-        fill = int(width * done / max(total, 1))
-        bar = "#" * fill + "." * (width - fill)
-        self.stream.write(f"\r\x1b[2K  {step} [{bar}] {done}/{total} {name[-48:]}")
+        if self._bar is None or self._step != step:
+            self.close()
+            self._step = step
+            self._bar = tqdm(total=total_bytes or total, unit="B" if total_bytes else "tensor", unit_scale=bool(total_bytes),
+                             unit_divisor=1024, desc=f"  {step}", file=self.stream, leave=False, dynamic_ncols=True,
+                             mininterval=0.1, bar_format="{desc} {percentage:3.0f}%|{bar}| " + (
+                                 "{n_fmt}B/{total_fmt}B" if total_bytes else "{n_fmt}/{total_fmt}") + " [{rate_fmt}, {remaining} left]{postfix}")
+        self._bar.update(nbytes if total_bytes else 1)
+        self._bar.set_postfix_str(name[-40:], refresh=False)
         if done >= total:
-            self.stream.write("\r\x1b[2K")
-        self.stream.flush()
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._step = None

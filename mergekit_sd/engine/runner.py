@@ -21,15 +21,16 @@ from mergekit_sd.engine.remote_cache import RemoteCache
 from mergekit_sd.engine.space import require, same_filesystem
 from mergekit_sd.engine.store import materialise
 from mergekit_sd.errors import SdbuildError, StepError, UserError
-from mergekit_sd.formats.ckpt import rename_model
 from mergekit_sd.formats.hashread import HashingReader
 from mergekit_sd.formats.digests import canonical, hash_text, legacy_hash
-from mergekit_sd.formats.open import open_model
+from mergekit_sd.formats.open import as_loaded, open_model
 from mergekit_sd.formats.prefetch import default_workers, intra_op_threads
 from mergekit_sd.formats.safetensors import SafetensorsFile, header_size, read_header, write_model
 from mergekit_sd.lazy import LazyModel
 from mergekit_sd.ops import OpContext, get_op
 from mergekit_sd.ops.check import check_steps
+from mergekit_sd.provenance.card import CardSource, input_holders, render_card, write_card_file
+from mergekit_sd.provenance.licences import assess
 from mergekit_sd.provenance.record import NodeFacts, build_metadata, read_provenance
 from mergekit_sd.recipe.graph import build_order
 from mergekit_sd.remote.s3 import RemoteStore
@@ -94,7 +95,7 @@ class Runner:
         if name in self.recipe.inputs and self.planner.hashed_while_read(name):
             if name not in self._hashing:
                 self._hashing[name] = HashingReader(SafetensorsFile(self.input_path(name)))
-            m = rename_model(self._hashing[name].lazy())
+            m = as_loaded(self._hashing[name].lazy())
             m.label = self.input_path(name).name
         elif name in self.recipe.inputs:
             m = open_model(self.input_path(name))
@@ -120,6 +121,8 @@ class Runner:
         self.store.clean_tmp()
         order = build_order(self.recipe, self.graph, targets)
         steps = [n for n in order if n in self.recipe.steps]
+        if self.planner.options.strict:
+            self._check_licences(order)
         if any(self.planner.plan_node(n).state not in ("input", "fresh") for n in order):  # a no-op build reads nothing
             check_steps(self.recipe.steps, order, self._input_arch, self.recipe.where,
                         lambda n: self.input_path(n).name if n in self.recipe.inputs else n)
@@ -256,11 +259,12 @@ class Runner:
 
             metadata = metadata_with(ck)  # with placeholders of the same width for what is not known yet
             total = len(model)
+            total_bytes = model.nbytes()
             counter = [0]
 
             def on_tensor(tname: str) -> None:
                 counter[0] += 1
-                self.progress.tensor(name, counter[0], total, tname)
+                self.progress.tensor(name, counter[0], total, tname, model.specs[tname].nbytes, total_bytes)
 
             self._require_space(name, header_size(model, metadata))
 
@@ -340,6 +344,42 @@ class Runner:
                 materialise(Path(src), target, sync=self.store.must_fsync)
                 report.outputs[node] = str(target)
                 self.progress.line(f"wrote {target}")
+            if node in self.recipe.cards:
+                self._write_card(node, base / rels[0], base / self.recipe.cards[node], report)
+
+    def _check_licences(self, order: list[str]) -> None:
+        """--strict: a card licence that contradicts an ingredient's stops the build before anything runs."""
+        for node in self.recipe.cards:
+            if node not in order:
+                continue
+            holders = []
+            for n in build_order(self.recipe, self.graph, [node]):
+                if n in self.recipe.inputs:
+                    f = self.input_facts(n)
+                    path = self.input_path(n)
+                    meta = read_header(path)[1] if path.suffix.lower() == ".safetensors" else {}
+                    holders += input_holders(f.file or n, f.credits.get("license") or meta.get("modelspec.license"), meta)
+            verdict = assess(self.recipe.card.get("license"), holders)
+            if verdict.warnings:
+                raise UserError(f"licence: {verdict.warnings[0]} (--strict)", self.recipe.where("outputs", node, "card"))
+
+    def _write_card(self, node: str, model: Path, target: Path, report: BuildReport) -> None:
+        """The output's model card, rebuilt with the file (and only rewritten when it changes)."""
+        base = self.planner.out_dir()
+        real_base = os.path.realpath(base)
+        if os.path.commonpath([real_base, os.path.realpath(target)]) != real_base:
+            raise UserError(f"card {self.recipe.cards[node]!r} resolves outside {base} (through a link); refusing to write there",
+                            self.recipe.where("outputs", node, "card"))
+        _, meta = read_header(model)
+        digest, sha = digest_file(model, self.store.db)
+        text, verdict = render_card(CardSource(model.name, meta, sha, digest))
+        for w in verdict.warnings:
+            if self.planner.options.strict:
+                raise UserError(f"licence: {w} (the card was not written; --strict)", self.recipe.where("outputs", node, "card"))
+            self.progress.warn(f"{node}: licence: {w}")
+            report.warnings.append(f"{node}: licence: {w}")
+        if write_card_file(target, text):
+            self.progress.line(f"wrote {target}")
 
 
 

@@ -27,8 +27,13 @@ def open_model(path: str | os.PathLike) -> LazyModel:
     if ext in PICKLE_EXT:
         return open_ckpt(p)
     if ext in SAFETENSORS_EXT or ext == "":
-        return dequantise_scaled_fp8(rename_model(SafetensorsFile(p).lazy()))
+        return as_loaded(SafetensorsFile(p).lazy())
     raise UserError(f"unsupported model file type {ext!r}; use .safetensors (or a legacy .ckpt/.pt)", str(p))
+
+
+def as_loaded(model: LazyModel) -> LazyModel:
+    """A safetensors file's tensors as every op sees them: legacy names renamed, scaled fp8 dequantised."""
+    return dequantise_scaled_fp8(rename_model(model))
 
 
 def content_digest_and_sha256(path: Path, want_sha256: bool = True) -> tuple[str, str | None]:

@@ -38,7 +38,9 @@ MODELSPEC_VERSION = "1.0.1"
 LINEAGE_LIMIT = 4_000_000
 # kohya `ss_*` values longer than this (tag frequencies, dataset folders) are summarised, not copied
 FOREIGN_VALUE_LIMIT = 4096
-FOREIGN_KEYS = ("sd_merge_recipe", "sd_merge_models", "modelspec.title", "modelspec.architecture", "modelspec.author")
+FOREIGN_KEYS = ("sd_merge_recipe", "sd_merge_models", "modelspec.title", "modelspec.architecture", "modelspec.author",
+                "modelspec.license", "modelspec.usage_hint", "modelspec.trigger_phrase", "modelspec.prompt_format",
+                "modelspec.trigger_words", "modelspec.negative_hint")  # credits and prompting advice a card carries over
 
 
 @dataclass
@@ -134,6 +136,8 @@ def _input_entry(n: NodeFacts) -> dict[str, Any]:
     if n.legacy_hash:
         e["legacy_hash"] = n.legacy_hash
     e.update(dict(n.credits))
+    if "license" not in e and (n.metadata or {}).get("modelspec.license"):
+        e["license"] = n.metadata["modelspec.license"]  # the licence the file states, unless the recipe says otherwise
     return e
 
 
@@ -249,7 +253,7 @@ def modelspec_fields(recipe, node: str, nodes: list[NodeFacts], architecture: st
     if "prediction_type" not in card and output_kind != "lora" and prediction is not None:
         out["modelspec.prediction_type"] = prediction
     for k, v in card.items():
-        out[f"modelspec.{k}"] = v
+        out[f"modelspec.{k}"] = v if isinstance(v, str) else ", ".join(v) if isinstance(v, list) else canonical(v)
     return out
 
 

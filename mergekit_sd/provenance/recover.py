@@ -76,7 +76,7 @@ def recipe_from_provenance(prov: Mapping[str, Any], file_name: str | None = None
     if card:
         lines.append("card:")
         for k, v in card.items():
-            lines.append(f"  {_safe_name(k, 'card field')}: {_scalar(v)}")
+            lines.append(f"  {_safe_name(k, 'card field')}: {_flow(v) if isinstance(v, (dict, list)) else _scalar(v)}")
     lines.append("inputs:")
     for name, e in (r.get("inputs") or {}).items():
         lines.append(f"  {_safe_name(name, 'input name')}:")
@@ -85,7 +85,7 @@ def recipe_from_provenance(prov: Mapping[str, Any], file_name: str | None = None
             lines.append(f"    path: {_scalar(path)}")
         if e.get("sha256"):
             lines.append(f"    sha256: {e['sha256']}")
-        for k in ("author", "url", "prediction_type", "description"):
+        for k in ("author", "url", "prediction_type", "description", "license"):
             if e.get(k):
                 lines.append(f"    {k}: {_scalar(e[k])}")
         if e.get("digest"):
@@ -141,7 +141,8 @@ def _step_order(steps: Mapping[str, Any], inputs: set[str]) -> list[str]:
 
 
 _BREAKS = re.compile("[\r\n\x85\u2028\u2029]")
-_SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+# names, and matrix variants' names (`mix@alpha=0.2,te=0`)
+_SAFE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*(@[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.+\-]+(,[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9_.+\-]+)*)?$")
 
 
 def _join(lines: list[str]) -> str:

@@ -8,6 +8,7 @@ import networkx as nx
 
 from mergekit_sd.errors import UserError, did_you_mean
 from mergekit_sd.recipe.load import Recipe
+from mergekit_sd.recipe.matrix import resolve_targets
 
 
 def build_graph(recipe: Recipe) -> nx.DiGraph:
@@ -34,7 +35,7 @@ def build_graph(recipe: Recipe) -> nx.DiGraph:
 
 def build_order(recipe: Recipe, g: nx.DiGraph, targets: Iterable[str] | None = None) -> list[str]:
     """Nodes needed for `targets` (default: every output) in a deterministic topological order."""
-    wanted = list(targets) if targets else list(recipe.outputs)
+    wanted = resolve_targets(list(targets), recipe.variants) if targets else list(recipe.outputs)
     known = recipe.node_names()
     needed: set[str] = set()
     for t in wanted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -11,15 +12,19 @@ from typing import Any, Mapping
 
 import yaml
 
+from mergekit_sd.arch.weights import normalize_weight
 from mergekit_sd.errors import UserError, did_you_mean
 from mergekit_sd.ops import Field, OpSpec, get_op, load_ops
-from mergekit_sd.arch.weights import normalize_weight
+from mergekit_sd.recipe.matrix import VARIANT_NAME_RE, expand
 
 FORMAT_VERSION = 1
-TOP_FIELDS = ("sdbuild", "name", "card", "inputs", "steps", "outputs")
+TOP_FIELDS = ("sdbuild", "name", "card", "matrix", "inputs", "steps", "outputs")
 CARD_FIELDS = ("title", "author", "description", "license", "usage_hint", "tags", "trigger_phrase",
-               "prediction_type", "resolution", "thumbnail", "encoder_layer", "timestep_range", "implementation")
-INPUT_FIELDS = ("path", "sha256", "author", "url", "prediction_type", "description")
+               "prediction_type", "resolution", "thumbnail", "encoder_layer", "timestep_range", "implementation",
+               "prompt_format", "trigger_words", "negative_hint", "recommended")
+INPUT_FIELDS = ("path", "sha256", "author", "url", "prediction_type", "description", "license")
+CREDIT_FIELDS = ("author", "url", "prediction_type", "description", "license")
+OUTPUT_FIELDS = ("path", "card")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 MAX_YAML_NODES = 200_000
 MAX_DEPTH = 64
@@ -49,11 +54,13 @@ class Recipe:
     path: Path
     version: int
     name: str
-    card: Mapping[str, str]
+    card: Mapping[str, Any]  # text fields are str; trigger_words a list, recommended a mapping
     inputs: Mapping[str, InputDecl]
     steps: Mapping[str, StepDecl]
     outputs: Mapping[str, tuple[str, ...]]  # node -> relative output paths
     lines: Mapping[tuple, int] = field(default_factory=dict, compare=False, repr=False)
+    cards: Mapping[str, str] = field(default_factory=dict)  # node -> relative path of its Markdown model card
+    variants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # matrix template step -> its variants
 
     @property
     def dir(self) -> Path:
@@ -268,13 +275,19 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     card_raw = data.get("card") or {}
     if not isinstance(card_raw, dict):
         raise UserError("card must be a mapping", where("card"))
-    card: dict[str, str] = {}
+    card: dict[str, Any] = {}
     for k, v in card_raw.items():
         if k not in CARD_FIELDS:
             raise UserError(f"unknown card field {k!r}{did_you_mean(k, CARD_FIELDS)}", where("card", k))
+        if k in STRUCTURED_CARD_FIELDS:
+            card[k] = STRUCTURED_CARD_FIELDS[k](v, lambda *p, k=k: where("card", k, *p))
+            continue
         if isinstance(v, (dict, list)) or v is None:
             raise UserError(f"card field {k!r} must be text", where("card", k))
         card[k] = str(v)
+
+
+    data, variants = expand(data, lines, where)  # sweeps: one variant per combination, then validated as usual
 
     inputs_raw = data.get("inputs") or {}
     steps_raw = data.get("steps") or {}
@@ -310,14 +323,14 @@ def parse_recipe(text: str, path: Path) -> Recipe:
             sha = sha.lower()
         if "url" in spec:
             check_url(spec["url"], where("inputs", iname, "url"))
-        credits = {k: str(spec[k]) for k in ("author", "url", "prediction_type", "description") if k in spec}
+        credits = {k: str(spec[k]) for k in CREDIT_FIELDS if k in spec}
         inputs[iname] = InputDecl(iname, p or "", sha, credits, lines.get(("inputs", iname), 0))
 
     load_ops()
     steps: dict[str, StepDecl] = {}
     for sname, spec in steps_raw.items():
         w = where("steps", sname)
-        if not isinstance(sname, str) or not NAME_RE.match(sname):
+        if not isinstance(sname, str) or not (NAME_RE.match(sname) or VARIANT_NAME_RE.match(sname)):
             raise UserError(f"invalid step name {sname!r}: use letters, digits, '_', '-', '.'", w)
         if sname in inputs:
             raise UserError(f"step {sname!r} has the same name as an input; inputs and steps share one namespace", w)
@@ -339,11 +352,28 @@ def parse_recipe(text: str, path: Path) -> Recipe:
                 raise UserError(f"step {sname!r} refers to {r!r}, which is neither an input nor a step{did_you_mean(r, known)}", _ref_where(where, sname, r, steps_raw))
 
     outputs: dict[str, tuple[str, ...]] = {}
+    cards: dict[str, str] = {}
     seen: dict[str, str] = {}
     for node, target in outputs_raw.items():
         w = where("outputs", node)
         if node not in inputs and node not in steps:
             raise UserError(f"output {node!r} names no input or step{did_you_mean(node, known)}", w)
+        if isinstance(target, dict):
+            for k in target:
+                if k not in OUTPUT_FIELDS:
+                    raise UserError(f"unknown output field {k!r}{did_you_mean(k, OUTPUT_FIELDS)}; an output is a path, "
+                                    "a list of paths, or {path: ..., card: NAME.md}", where("outputs", node, k))
+            if "path" not in target:
+                raise UserError(f"output {node!r} needs a path", w)
+            if "card" in target:
+                card_rel = check_relative_path(target["card"], where("outputs", node, "card"), "card path")
+                if not card_rel.endswith(".md"):
+                    raise UserError(f"card {card_rel!r} must end in .md (it is a Markdown model card)", where("outputs", node, "card"))
+                if card_rel.lower() in seen:
+                    raise UserError(f"outputs {seen[card_rel.lower()]!r} and {node!r} are both written to {card_rel!r}", w)
+                seen[card_rel.lower()] = node
+                cards[node] = card_rel
+            target = target["path"]
         targets = target if isinstance(target, list) else [target]
         norm = []
         for t in targets:
@@ -356,7 +386,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
             seen[low] = node
             norm.append(rel)
         outputs[node] = tuple(norm)
-    return Recipe(path.resolve(), version, name, card, inputs, steps, outputs, lines)
+    return Recipe(path.resolve(), version, name, card, inputs, steps, outputs, lines, cards, variants)
 
 
 def _ref_where(where, sname, ref, steps_raw) -> str:
@@ -391,3 +421,50 @@ def _validate_step(op: OpSpec, sname: str, spec: dict, where) -> dict:
                 raise UserError(f"step {sname!r} (op {op.name}) needs field {f.name!r}", where("steps", sname))
             params[f.name] = f.default
     return params
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# structured card fields
+
+
+RECOMMENDED_FIELDS = {"sampler": "str", "scheduler": "str", "steps": "int", "cfg": "number", "clip_skip": "int",
+                      "resolution": "str", "hires": "str"}
+
+
+def _trigger_words(v: Any, where) -> list[str]:
+    """Words that switch a style or subject on: a list of strings (one string is a list of one)."""
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v):
+        raise UserError("trigger_words must be a string or a list of strings", where())
+    return [str(x) for x in v]
+
+
+def _recommended(v: Any, where) -> dict[str, Any]:
+    """Generation settings the author recommends: sampler, scheduler, steps, cfg, clip_skip, resolution, hires."""
+    if isinstance(v, str) and v.startswith("{"):  # the canonical JSON an output's modelspec.recommended holds
+        try:
+            v = json.loads(v)
+        except ValueError:
+            pass
+    if not isinstance(v, dict) or not v:
+        raise UserError(f"recommended must be a mapping with some of {', '.join(RECOMMENDED_FIELDS)}", where())
+    out: dict[str, Any] = {}
+    for k, x in v.items():
+        kind = RECOMMENDED_FIELDS.get(k)
+        if kind is None:
+            raise UserError(f"unknown recommended setting {k!r}{did_you_mean(str(k), RECOMMENDED_FIELDS)}; "
+                            f"settings: {', '.join(RECOMMENDED_FIELDS)}", where(k))
+        if kind == "int" and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
+            raise UserError(f"recommended {k} must be a whole number, got {x!r}", where(k))
+        if kind == "number" and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)):
+            raise UserError(f"recommended {k} must be a number, got {x!r}", where(k))
+        if kind == "str":
+            if isinstance(x, (dict, list)) or x is None:
+                raise UserError(f"recommended {k} must be text, got {x!r}", where(k))
+            x = str(x)
+        out[k] = x
+    return out
+
+
+STRUCTURED_CARD_FIELDS = {"trigger_words": _trigger_words, "recommended": _recommended}

@@ -1,0 +1,1 @@
+"""Publishing: what a build looks like to people (recipe graphs, HTML reports)."""

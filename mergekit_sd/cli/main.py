@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from mergekit_sd import __version__
-from mergekit_sd.cli import build, models, provenance, remote
+from mergekit_sd.cli import build, forensics, models, provenance, remote
 from mergekit_sd.cli.common import COMMANDS
 from mergekit_sd.errors import SdbuildError
 
-GROUPS = (build, models, provenance, remote)  # each has add_parsers(subparsers) and registers its commands
+GROUPS = (build, models, provenance, remote, forensics)  # each has add_parsers(subparsers) and registers its commands
 
 
 def parser() -> argparse.ArgumentParser:

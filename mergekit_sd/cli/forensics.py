@@ -88,3 +88,92 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for note in rep.notes:
         print(f"  note: {note}")
     return 0
+
+
+def print_similar(rep: dict, blocks: bool) -> None:
+    """The ranking as a table (and per block with --blocks)."""
+    print(f"{rep['model']}: {len(rep['ranking'])} candidates, {rep['tensors']} tensors compared")
+    width = max(len(e["file"]) for e in rep["ranking"])
+    for e in rep["ranking"]:
+        print(f"  {e['file']:<{width}}  {100 * e['distance']:>8.3f}%")
+    if blocks:
+        heads = [Path(e["file"]).stem[:9] for e in rep["ranking"]]
+        print(f"  {'block':<6}  " + "  ".join(f"{h:>9}" for h in heads))
+        for b in rep["blocks"]:
+            print(f"  {b:<6}  " + "  ".join(f"{100 * e['blocks'][b]:>8.3f}%" for e in rep["ranking"]))
+    for s in rep["skipped"]:
+        print(f"  skipped {s['file']}: {s['why']}")
+
+
+@command("similar")
+def cmd_similar(args: argparse.Namespace) -> int:
+    from mergekit_sd.forensics.similar import similar
+
+    rep = similar(args.model, list(args.among), blocks=args.blocks or args.plot is not None, device=args.device,
+                  progress=_progress(args))
+    if args.plot is not None:
+        from mergekit_sd.forensics.plot import similar_heatmap
+
+        similar_heatmap(rep, args.plot)
+        if not args.quiet:
+            print(f"wrote {args.plot}", file=sys.stderr)
+        if not args.blocks:
+            rep.pop("blocks", None)
+            for e in rep["ranking"]:
+                e.pop("blocks", None)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print_similar(rep, args.blocks)
+    return 0
+
+
+@command("family")
+def cmd_family(args: argparse.Namespace) -> int:
+    from mergekit_sd.forensics.family import family, family_mermaid
+
+    rep = family(list(args.files), cut_at=args.cut, device=args.device, progress=_progress(args))
+    if args.plot is not None:
+        from mergekit_sd.forensics.plot import family_dendrogram
+
+        family_dendrogram(rep, args.plot)
+        if not args.quiet:
+            print(f"wrote {args.plot}", file=sys.stderr)
+    if args.mermaid:
+        rep["mermaid"] = family_mermaid(rep)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    if args.mermaid:
+        sys.stdout.write(rep["mermaid"])
+        return 0
+    names = [Path(f).name for f in rep["files"]]
+    width = max(len(n) for n in names)
+    print(f"{'':<{width}}  " + "  ".join(f"{n[:8]:>8}" for n in names))
+    for n, row in zip(names, rep["distance"]):
+        print(f"{n:<{width}}  " + "  ".join(f"{'-':>8}" if d is None else f"{d:>8.4f}" for d in row))
+    print(f"families (cut at {rep['cut']}):")
+    for i, fam in enumerate(rep["families"], start=1):
+        print(f"  {i}. " + ", ".join(fam))
+    for s in rep["skipped"]:
+        print(f"  skipped {s['file']}: {s['why']}")
+    return 0
+
+
+@command("lora-fit")
+def cmd_lora_fit(args: argparse.Namespace) -> int:
+    from mergekit_sd.forensics.lorafit import lora_fit
+
+    rep = lora_fit(args.lora, list(args.candidates), trained_on=args.trained_on, models=list(args.models),
+                   cache_dir=cache_dir(args), device=args.device, progress=_progress(args))
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(f"{rep['lora']}: trained on {rep['trained_on']} ({rep['found_by']}), {rep['modules']} layers")
+    width = max(len(e["file"]) for e in rep["ranking"])
+    print(f"  {'candidate':<{width}}  {'drift':>9}  {'drift_in':>9}  verdict")
+    for e in rep["ranking"]:
+        print(f"  {e['file']:<{width}}  {e['drift']:>9.4f}  {e['drift_in']:>9.4f}  {e['verdict']}")
+    if rep["skipped_modules"] and not args.quiet:
+        print(f"  note: {len(rep['skipped_modules'])} modules map to nothing in the base and were not scored", file=sys.stderr)
+    return 0

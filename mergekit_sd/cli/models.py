@@ -39,6 +39,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--diffusion-only", action="store_true", help="Flux/SD3 in ComfyUI naming: no text encoders or VAE")
     s.add_argument("--variant", choices=("dev", "schnell"), default=None, help="Flux: dev (default) or schnell (no guidance embedder)")
     s.add_argument("--demo", action="store_true", help="write the demo's input models into the folder OUT")
+    s.add_argument("--like", type=Path, default=None, metavar="BASE", help="write a fine-tune of BASE: its tensors plus seeded noise")
+    s.add_argument("--noise", type=float, default=0.01, metavar="SIGMA", help="with --like: noise as a fraction of each tensor's RMS (default 0.01)")
+    s.add_argument("--trained-on", type=Path, default=None, metavar="FILE", help="with --lora: record FILE as the training base (kohya ss_* hashes)")
     add_common(s)
 
 
@@ -83,7 +86,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         return 0
     if args.lora:
         path = write_synth_lora(args.out, arch=args.arch, format=args.lora, factor=args.factor, rank=args.rank, seed=args.seed,
-                                naming=args.naming)
+                                naming=args.naming, trained_on=args.trained_on)
+    elif args.like is not None:
+        from mergekit_sd.synth.models import write_like
+
+        path = write_like(args.out, args.like, args.noise, args.seed)
     else:
         from mergekit_sd.synth.models import TRANSFORMER_ARCHES
 

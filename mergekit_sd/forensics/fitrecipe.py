@@ -98,12 +98,7 @@ def write_recipe(path: Path, text: str) -> Path:
     path = Path(path)
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         raise UserError("-o writes a recipe (YAML), not a model file; name it .yaml", str(path))
+    from mergekit_sd.formats.atomic import write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_text(path, text)

@@ -40,7 +40,7 @@ from mergekit_sd.lazy import LazyModel
 from mergekit_sd.lora.delta import compute_delta, delta_shape, fits, ia3_delta, module_scale
 from mergekit_sd.lora.formats import Module, parse_lora
 from mergekit_sd.ops.lora import check_declared_arch, rows, slice_shape
-from mergekit_sd.provenance.a1111 import legacy_hash
+from mergekit_sd.formats.digests import legacy_hash
 
 SHA_KEYS = ("ss_new_sd_model_hash",)
 LEGACY_KEYS = ("ss_sd_model_hash",)

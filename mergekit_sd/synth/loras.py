@@ -231,8 +231,7 @@ def write_synth_lora(path: str | os.PathLike, arch: str = "sd1", format: str = "
 
 def training_base(path: str | os.PathLike) -> dict[str, str]:
     """The metadata kohya's trainer writes about the checkpoint a LoRA was trained on (FORMATS.md §4.6)."""
-    from mergekit_sd.engine.keys import sha256_file
-    from mergekit_sd.provenance.a1111 import legacy_hash
+    from mergekit_sd.formats.digests import legacy_hash, sha256_file
 
     p = Path(path)
     if not p.is_file():

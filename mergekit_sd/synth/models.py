@@ -131,13 +131,8 @@ def write_like(path: str | os.PathLike, base: str | os.PathLike, noise: float, s
     path.parent.mkdir(parents=True, exist_ok=True)
     model = noisy_like(open_model(base), noise, seed)
     meta = {"modelspec.title": title or path.stem, "sdbuild.synthetic": f"like {Path(base).name} noise={noise!r} seed={seed}"}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write_model(tmp, model, meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -232,3 +232,18 @@ def test_synth_like_is_base_plus_seeded_noise(fam, sdbuild, tmp_path):
     assert 0.08 < float(diff.std()) / rms < 0.12
     assert torch.equal(t["cond_stage_model.transformer.text_model.embeddings.position_ids"],
                        base["cond_stage_model.transformer.text_model.embeddings.position_ids"])
+
+
+def test_inspect_flags_tensors_that_no_longer_match_the_recorded_digests_and_ranks_a_folder(fam, sdbuild, tmp_path):
+    r = sdbuild("inspect", fam / "ws.safetensors", "--json")
+    assert r.code == 0 and json.loads(r.out)["integrity"] == []
+    data = bytearray((fam / "ws.safetensors").read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor
+    (tmp_path / "edited.safetensors").write_bytes(bytes(data))
+    r = sdbuild("inspect", tmp_path / "edited.safetensors")
+    assert r.code == 0
+    lines = [x for x in r.out.splitlines() if x.startswith("MISMATCH")]
+    assert len(lines) == 2 and "content digest" in lines[0] and "modelspec.hash_sha256" in lines[1]
+    r = sdbuild("inspect", fam / "ws.safetensors", "--against", fam, "--json", "--no-scan")
+    stems = [Path(e["file"]).stem for e in json.loads(r.out)["similar"]["ranking"] if "cache" not in Path(e["file"]).parts]
+    assert stems[stems.index("a")] == "a" and stems.index("a") < stems.index("b") < stems.index("unrelated") == len(stems) - 1

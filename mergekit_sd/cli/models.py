@@ -16,6 +16,8 @@ def add_parsers(sub) -> None:
     i.add_argument("--json", action="store_true")
     i.add_argument("--tree", action="store_true", help="show the lineage tree")
     i.add_argument("--no-scan", action="store_true", help="read headers only (skip the NaN/Inf scan of tensor values)")
+    i.add_argument("--against", nargs="+", default=None, metavar="DIR", help="also rank the models in these folders by distance (sdbuild similar)")
+    i.add_argument("--device", default="cpu", help="with --against: where the distance math runs")
     add_common(i)
 
     m = sub.add_parser("methods", help="list merge methods and ops with their parameters")
@@ -55,10 +57,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mergekit_sd.inspect import format_inspect, inspect_model
 
     report = inspect_model(args.file, scan=not args.no_scan)
+    if args.against:
+        from mergekit_sd.engine.progress import Progress
+        from mergekit_sd.forensics.similar import similar
+
+        report["similar"] = similar(args.file, list(args.against), device=args.device, progress=Progress(args.quiet))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
         print(format_inspect(report))
+        if args.against:
+            from mergekit_sd.cli.forensics import print_similar
+
+            print()
+            print_similar(report["similar"], False)
     return 0
 
 

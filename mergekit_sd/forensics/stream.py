@@ -144,14 +144,21 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
                 for j in range(n):
                     if j != query and same[j]:
                         same[j] = raws[j].dtype == q.dtype and torch.equal(raws[j], q)
-                if rounding:
-                    rvar += rounding_variance(q)
+                if rounding:  # an estimate from every 8th element is as good and 8 times cheaper
+                    sub = q[::8]
+                    rvar += rounding_variance(sub) * (q.numel() / max(sub.numel(), 1))
             x = work[:, : e - s]
             for i, r in enumerate(raws):
                 x[i].copy_(r)
-            sq += (x * x).sum(dim=1)
-            x -= x[reference].clone()
-            g += x @ x.T
+            if device.type == "cpu":  # numpy's BLAS is several times faster than torch here for a [n, chunk] product
+                xn = x.numpy()
+                sq += torch.from_numpy(np.einsum("ij,ij->i", xn, xn))
+                xn -= xn[reference].copy()
+                g += torch.from_numpy(xn @ xn.T)
+            else:
+                sq += (x * x).sum(dim=1)
+                x -= x[reference].clone()
+                g += x @ x.T
         b = bucket_of(key)
         result.seen[b] = result.seen.get(b, 0) + 1
         matched = {j for j in range(n) if j != query and same[j]} if query is not None else set()

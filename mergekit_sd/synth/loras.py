@@ -230,7 +230,7 @@ def write_synth_lora(path: str | os.PathLike, arch: str = "sd1", format: str = "
 
 
 def training_base(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata kohya's trainer writes about the checkpoint a LoRA was trained on (FORMATS.md §4.6)."""
+    """The metadata kohya's trainer writes about the checkpoint a LoRA was trained on (docs/formats.md §4.6)."""
     from mergekit_sd.formats.digests import legacy_hash, sha256_file
 
     p = Path(path)

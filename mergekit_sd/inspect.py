@@ -154,7 +154,30 @@ def inspect_model(path: str | os.PathLike, scan: bool = True) -> dict[str, Any]:
         report["renamed_on_load"] = prov_in["renamed"]
     report["metadata"] = meta
     report["provenance"] = read_provenance(meta)
+    report["integrity"] = recorded_hashes_check(p, meta) if scan else None
     return report
+
+
+def recorded_hashes_check(path: Path, meta: dict[str, str]) -> list[str]:
+    """What the metadata records about this file's own tensors and does not match them: the content digest
+    (`sdbuild.content_digest`) and the tensor-buffer sha256 (`modelspec.hash_sha256`). Empty when all agree."""
+    from mergekit_sd.formats.digests import tensor_buffer_sha256
+    from mergekit_sd.formats.safetensors import BUFFER_SHA_KEY, CONTENT_DIGEST_KEY, file_content_digest
+
+    if path.suffix.lower() != ".safetensors":
+        return []
+    out = []
+    recorded = meta.get(CONTENT_DIGEST_KEY)
+    if recorded:
+        actual = file_content_digest(path, False)[0]
+        if actual != recorded:
+            out.append(f"recorded content digest {recorded} does not match the tensors ({actual}): edited after it was written")
+    recorded = (meta.get(BUFFER_SHA_KEY) or "").lower()
+    if recorded:
+        actual = "0x" + tensor_buffer_sha256(path).removeprefix("0x")
+        if actual != recorded and actual.removeprefix("0x") != recorded.removeprefix("0x"):
+            out.append(f"recorded {BUFFER_SHA_KEY} {recorded[:18]}... does not match the tensor data ({actual[:18]}...)")
+    return out
 
 
 def _size(n: int) -> str:
@@ -225,6 +248,8 @@ def format_inspect(r: dict[str, Any]) -> str:
     if r.get("training_state"):
         lines.append(f"training state ignored: {', '.join(r['training_state'][:8])}")
     lines.append("")
+    for problem in r.get("integrity") or []:
+        lines.append(f"MISMATCH: {problem}")
     prov = r.get("provenance")
     if prov:
         lines.append("provenance: sdbuild recipe embedded (--json shows it)")

@@ -62,9 +62,11 @@ class LazyModel:
         metadata: Mapping[str, str] | None = None,
         label: str = "",
         info: ModelInfo | None = None,
+        ranger: Callable[[str, int, int], torch.Tensor] | None = None,
     ):
         self._specs = dict(specs)
         self._producer = producer
+        self._ranger = ranger
         self.metadata: dict[str, str] = dict(metadata or {})
         self.label = label
         self.info = info if info is not None else ModelInfo()
@@ -87,6 +89,13 @@ class LazyModel:
 
     def get(self, name: str) -> torch.Tensor:
         return self._producer(name)
+
+    def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor; files read only those bytes, so a pass over several
+        models can stream in chunks whatever the tensor size."""
+        if self._ranger is not None:
+            return self._ranger(name, start, stop)
+        return self._producer(name).reshape(-1)[start:stop]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: s.shape for k, s in self._specs.items()}

@@ -542,7 +542,7 @@ def test_every_method_runs_on_a_synthetic_model(sd1_pair):
     keys.append("cond_stage_model.transformer.text_model.embeddings.position_ids")
     sub = [from_tensors({k: t[k] for k in keys}) for t in (ta, tb, tc)]
     for name, m in METHODS.items():
-        params = {p.name: 0.5 for p in m.params if p.required}
+        params = {p.name: [0.5] * m.min_models if p.kind == "weights" else 0.5 for p in m.params if p.required}
         out = merge_models(name, sub[:m.min_models], **params)
         for k in keys:
             t = out.get(k)

@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from mergekit_sd import __version__
-from mergekit_sd.cli import build, models, provenance, publish, remote
+from mergekit_sd.cli import build, forensics, models, provenance, publish, remote
 from mergekit_sd.cli.common import COMMANDS
 from mergekit_sd.errors import SdbuildError
 
-GROUPS = (build, models, provenance, publish, remote)  # each has add_parsers(subparsers) and registers its commands
+GROUPS = (build, models, provenance, publish, remote, forensics)  # each has add_parsers(subparsers) and registers its commands
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ def add_parsers(sub) -> None:
     i.add_argument("--json", action="store_true")
     i.add_argument("--tree", action="store_true", help="show the lineage tree")
     i.add_argument("--no-scan", action="store_true", help="read headers only (skip the NaN/Inf scan of tensor values)")
+    i.add_argument("--against", nargs="+", default=None, metavar="DIR", help="also rank the models in these folders by distance (sdbuild similar)")
+    i.add_argument("--device", default="cpu", help="with --against: where the distance math runs")
     add_common(i)
 
     m = sub.add_parser("methods", help="list merge methods and ops with their parameters")
@@ -39,6 +41,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--diffusion-only", action="store_true", help="Flux/SD3 in ComfyUI naming: no text encoders or VAE")
     s.add_argument("--variant", choices=("dev", "schnell"), default=None, help="Flux: dev (default) or schnell (no guidance embedder)")
     s.add_argument("--demo", action="store_true", help="write the demo's input models into the folder OUT")
+    s.add_argument("--like", type=Path, default=None, metavar="BASE", help="write a fine-tune of BASE: its tensors plus seeded noise")
+    s.add_argument("--noise", type=float, default=0.01, metavar="SIGMA", help="with --like: noise as a fraction of each tensor's RMS (default 0.01)")
+    s.add_argument("--trained-on", type=Path, default=None, metavar="FILE", help="with --lora: record FILE as the training base (kohya ss_* hashes)")
     add_common(s)
 
 
@@ -52,10 +57,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mergekit_sd.inspect import format_inspect, inspect_model
 
     report = inspect_model(args.file, scan=not args.no_scan)
+    if args.against:
+        from mergekit_sd.engine.progress import Progress
+        from mergekit_sd.forensics.similar import similar
+
+        report["similar"] = similar(args.file, list(args.against), device=args.device, progress=Progress(args.quiet))
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
     else:
         print(format_inspect(report))
+        if args.against:
+            from mergekit_sd.cli.forensics import print_similar
+
+            print()
+            print_similar(report["similar"], False)
     return 0
 
 
@@ -83,7 +98,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         return 0
     if args.lora:
         path = write_synth_lora(args.out, arch=args.arch, format=args.lora, factor=args.factor, rank=args.rank, seed=args.seed,
-                                naming=args.naming)
+                                naming=args.naming, trained_on=args.trained_on)
+    elif args.like is not None:
+        from mergekit_sd.synth.models import write_like
+
+        path = write_like(args.out, args.like, args.noise, args.seed)
     else:
         from mergekit_sd.synth.models import TRANSFORMER_ARCHES
 

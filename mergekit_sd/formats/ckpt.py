@@ -178,7 +178,8 @@ def rename_model(model: LazyModel) -> LazyModel:
     prov["renamed"] = len(ren) - len(dropped)
     if dropped:
         prov["dropped_aliases"] = len(dropped)
-    return LazyModel(new_specs, lambda k: model.get(back[k]), model.metadata, model.label, replace(model.info, provenance=prov))
+    return LazyModel(new_specs, lambda k: model.get(back[k]), model.metadata, model.label, replace(model.info, provenance=prov),
+                     ranger=lambda k, s, e: model.get_range(back[k], s, e))
 
 
 def open_ckpt(path: str | os.PathLike) -> LazyModel:

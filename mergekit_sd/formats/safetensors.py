@@ -194,6 +194,18 @@ class SafetensorsFile:
         _preadinto(self._fd, raw.numpy(), self.data_start + b, str(self.path))
         return raw.view(spec.dtype).reshape(spec.shape)
 
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of a tensor, flattened (a chunk of a large tensor without reading the rest)."""
+        spec = self.specs[name]
+        start, stop = max(0, start), min(stop, spec.numel)
+        if stop <= start:
+            return torch.empty(0, dtype=spec.dtype)
+        size = spec.nbytes // spec.numel
+        b = self.offsets[name][0] + start * size
+        buf = bytearray((stop - start) * size)
+        _preadinto(self._fd, buf, self.data_start + b, str(self.path))
+        return torch.frombuffer(buf, dtype=spec.dtype)
+
     def read_raw(self, name: str) -> bytearray:
         b, e = self.offsets[name]
         buf = bytearray(e - b)
@@ -202,7 +214,7 @@ class SafetensorsFile:
         return buf
 
     def lazy(self) -> LazyModel:
-        return LazyModel(self.specs, self.read, self.metadata, label=self.path.name)
+        return LazyModel(self.specs, self.read, self.metadata, label=self.path.name, ranger=self.read_range)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -3,7 +3,9 @@
 A method's Python signature is its declaration: positional tensor parameters are the models (a `*models`
 parameter makes it variadic), keyword-only parameters are its settings. A keyword parameter annotated `float`
 is a *weight*: a recipe may give it as a number or as block weights, resolved to one float per tensor before
-the function is called. Everything else (int, str, bool) is passed as given. The recipe validator,
+the function is called. A keyword parameter annotated `list[float]` is a list of weights, one per model, each a
+number or block weights (resolved per tensor to a tuple of floats). Everything else (int, str, bool) is passed as
+given. The recipe validator,
 `sdbuild methods`, the JSON Schema and README's table all read this one registry.
 
 Optional keyword parameters the engine fills in when a method declares them:
@@ -28,7 +30,7 @@ ENGINE_KWARGS = {"key", "context"}
 @dataclass(frozen=True)
 class MethodParam:
     name: str
-    kind: str  # "weight" | "int" | "str" | "bool"
+    kind: str  # "weight" | "weights" (one weight per model) | "int" | "str" | "bool"
     default: Any = REQUIRED
     choices: tuple | None = None
     doc: str = ""
@@ -96,9 +98,9 @@ def merge_method(
                     engine.add(p.name)
                     continue
                 hint = hints.get(p.name)
-                kind = {float: "weight", int: "int", str: "str", bool: "bool"}.get(hint)
+                kind = "weights" if hint == list[float] else {float: "weight", int: "int", str: "str", bool: "bool"}.get(hint)
                 if kind is None:
-                    raise TypeError(f"method {mname}: parameter {p.name} needs a float/int/str/bool annotation")
+                    raise TypeError(f"method {mname}: parameter {p.name} needs a float/list[float]/int/str/bool annotation")
                 default = REQUIRED if p.default is p.empty else p.default
                 params.append(MethodParam(p.name, kind, default, (choices or {}).get(p.name), (docs or {}).get(p.name, "")))
         min_models = max(n_pos, 1)
@@ -123,7 +125,7 @@ def merge_method(
 
 
 _LOADED = False
-BUILTIN_MODULES = ["basic", "a1111", "supermerger", "interp", "ties", "average"]
+BUILTIN_MODULES = ["basic", "a1111", "supermerger", "interp", "ties", "average", "linear"]
 
 
 def load_methods() -> dict[str, Method]:

@@ -42,9 +42,23 @@ KERNEL_VERSION = 1
 ON_MISSING = ("keep_a", "take_b", "error")
 
 
+def normalize_weight_list(value: Any, where: str) -> list:
+    """One weight per model: a non-empty list whose items are numbers or block weights (each normalised)."""
+    if not isinstance(value, list) or not value:
+        raise UserError("must be a list with one weight per model (numbers or block weights)", where)
+    return [normalize_weight(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+WEIGHT_LIST_SCHEMA = {"type": "array", "minItems": 1,
+                      "items": {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "array"}, {"type": "object"}]}}
+
+
 def _param_field(p) -> Field:
     if p.kind == "weight":
         return Field(p.name, "weight", REQUIRED if p.required else float(p.default), doc=p.doc or "weight (number or block weights)", validate=normalize_weight)
+    if p.kind == "weights":
+        return Field(p.name, "list", REQUIRED, doc=p.doc or "one weight per model", validate=normalize_weight_list,
+                     schema=WEIGHT_LIST_SCHEMA)
     kind = {"int": "int", "str": "choice" if p.choices else "str", "bool": "bool"}[p.kind]
     return Field(p.name, kind, REQUIRED if p.required else p.default, p.choices, p.doc)
 
@@ -152,6 +166,11 @@ def resolve_weights(method: Method, params: dict, plan: dict[str, str], arch: Ar
     out = ResolvedWeights()
     wparams = [p for p in method.params if p.kind == "weight"]
     values = {p.name: params.get(p.name, None if p.required else float(p.default)) for p in wparams}
+    # a list of weights (one per model) resolves item by item under the names NAME[i], then is put back together
+    lists = {p.name: list(params.get(p.name) or []) for p in method.params if p.kind == "weights"}
+    for name, items in lists.items():
+        for i, v in enumerate(items):
+            values[f"{name}[{i}]"] = v
     elemental = params.get("elemental")
     include, exclude = params.get("include"), params.get("exclude")
     explicit_rule = params.get("block_rule")
@@ -189,6 +208,15 @@ def resolve_weights(method: Method, params: dict, plan: dict[str, str], arch: Ar
             out.constants[n] = v
     for n, fn in fns.items():
         out.tables[n] = {k: fn(k) for k in blocks}
+    for name, items in lists.items():
+        parts = [f"{name}[{i}]" for i in range(len(items))]
+        if any(p in out.tables for p in parts):
+            out.tables[name] = {k: tuple(out.tables[p][k] if p in out.tables else out.constants[p] for p in parts) for k in blocks}
+        else:
+            out.constants[name] = tuple(out.constants[p] for p in parts)
+        for p in parts:
+            out.tables.pop(p, None)
+            out.constants.pop(p, None)
     if elemental:
         entries = compile_elemental(elemental, family, f"step {step!r} field 'elemental'")
         base = out.tables.get("alpha")
@@ -213,6 +241,10 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = str(method.min_models) if method.max_models == method.min_models else f"at least {method.min_models}"
         raise UserError(f"step {ctx.step!r}: {method.name} takes {want} models, got {n}")
+    for p in method.params:
+        if p.kind == "weights" and len(params.get(p.name) or []) != n:
+            raise UserError(f"step {ctx.step!r}: {method.name} has {n} models but {len(params.get(p.name) or [])} {p.name}; "
+                            f"give one weight per model")
     first = inputs[0]
     names = ctx.input_labels or [m.label for m in inputs]
     archs = check_architectures(inputs, names, ctx.step)
@@ -258,7 +290,7 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         specs[key] = TensorSpec(output_dtype(params, spec), spec.shape)
     resolved = resolve_weights(method, params, plan, archs[0], names[0], ctx.step)
     weights, tables = resolved.constants, resolved.tables
-    plain = {p.name: params.get(p.name, p.default) for p in method.params if p.kind != "weight"}
+    plain = {p.name: params.get(p.name, p.default) for p in method.params if p.kind not in ("weight", "weights")}
     context = method.prepare(inputs, params, ctx) if method.prepare else None
     device = ctx.device
 

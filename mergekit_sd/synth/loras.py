@@ -220,10 +220,23 @@ def write_synth_lora(path: str | os.PathLike, arch: str = "sd1", format: str = "
     """Write a synthetic LoRA file (atomically) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    trained_on = options.pop("trained_on", None)
     tensors, meta = synth_lora(arch, format, factor, rank, seed, **options)
+    if trained_on is not None:
+        meta.update(training_base(trained_on))
     with atomic_path(path) as tmp:
         write_model(tmp, from_tensors(tensors), meta)
     return path
+
+
+def training_base(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata kohya's trainer writes about the checkpoint a LoRA was trained on (docs/formats.md §4.6)."""
+    from mergekit_sd.formats.digests import legacy_hash, sha256_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("training base not found", str(p))
+    return {"ss_sd_model_name": p.name, "ss_new_sd_model_hash": sha256_file(p), "ss_sd_model_hash": legacy_hash(p)}
 
 
 DEMO_LORAS = {"detail-lora": ("lora", 1), "style-locon": ("locon", 2)}

@@ -7,7 +7,9 @@ tensor name, so adding or removing keys never changes the other tensors.
 
 from __future__ import annotations
 
+import math
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -94,6 +96,42 @@ def write_synth(path: str | os.PathLike, arch: str = "sd1", factor: int = 32, dt
     path.parent.mkdir(parents=True, exist_ok=True)
     model = synth_model(arch, factor, dtype, seed, **options)
     meta = {"modelspec.title": title or path.stem, "sdbuild.synthetic": f"{arch} factor={factor} seed={seed}"}
+    with atomic_path(path) as tmp:
+        write_model(tmp, model, meta)
+    return path
+
+
+def noisy_like(base: LazyModel, noise: float, seed: int) -> LazyModel:
+    """A "fine-tune" of `base`: every float tensor plus seeded Gaussian noise of `noise` times the tensor's RMS.
+
+    Integer tensors and CLIP position ids are kept. The noise is seeded per tensor name, so two files made with
+    different seeds are siblings (same base, independent changes) and the same seed always gives the same bytes.
+    """
+    if not math.isfinite(noise) or noise < 0:
+        raise UserError(f"--noise must be a finite number >= 0, got {noise!r}")
+
+    def produce(name: str) -> torch.Tensor:
+        t = base.get(name)
+        if not t.dtype.is_floating_point or name.endswith("position_ids") or noise == 0 or t.numel() == 0:
+            return t
+        x = t.to(torch.float32)
+        rms = float(x.square().mean().sqrt())
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFFFFFFFFFF)
+        return (x + torch.randn(x.shape, generator=g, dtype=torch.float32) * (noise * rms)).to(t.dtype)
+
+    return LazyModel(base.specs, produce, {}, label=f"like-{base.label}")
+
+
+def write_like(path: str | os.PathLike, base: str | os.PathLike, noise: float, seed: int = 0, title: str | None = None) -> Path:
+    """Write a noisy copy of the checkpoint `base` (a synthetic fine-tune, see `noisy_like`) atomically."""
+    from mergekit_sd.formats.open import open_model
+
+    path = Path(path)
+    if Path(base).resolve() == path.resolve():
+        raise UserError("--like names the output file itself; write the fine-tune to another file", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = noisy_like(open_model(base), noise, seed)
+    meta = {"modelspec.title": title or path.stem, "sdbuild.synthetic": f"like {Path(base).name} noise={noise!r} seed={seed}"}
     with atomic_path(path) as tmp:
         write_model(tmp, model, meta)
     return path

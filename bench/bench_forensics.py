@@ -1,0 +1,53 @@
+"""Forensics at full size: `sdbuild fit` of an SD1 fp16 model against 3 candidates vs the time to read the four
+files, and `sdbuild family` over 6 files (one pass) vs the time to read them. Prints figures measured in this run
+(wall seconds from a warm page cache, and each command's own peak RSS)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import ensure_models, measure, report, sdbuild, warm  # noqa: E402
+
+READ = """
+import sys
+for p in sys.argv[1:]:
+    with open(p, "rb") as f:
+        while f.read(64 << 20):
+            pass
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=Path("bench/work"))
+    ap.add_argument("--factor", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    args, _ = ap.parse_known_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    models = ensure_models(work, 6, "sd1", args.factor)
+    four = models[:4]
+    warm(*models)
+    read4, _ = measure([sys.executable, "-c", READ, *map(str, four)])
+    fit, fit_rss = measure(sdbuild("fit", str(four[0]), "--candidates", *map(str, four[1:]), "--json", "-q", "--device", args.device))
+    report("forensics: read 4 files (s)", read4)
+    report("forensics: fit vs 3 candidates (s)", fit)
+    report("forensics: fit / read ratio", fit / read4)
+    report("forensics: fit peak RSS (GiB)", fit_rss)
+    read6, _ = measure([sys.executable, "-c", READ, *map(str, models)])
+    fam, fam_rss = measure(sdbuild("family", *map(str, models), "--json", "-q", "--device", args.device))
+    report("forensics: read 6 files (s)", read6)
+    report("forensics: family of 6 (s)", fam)
+    report("forensics: family / read ratio", fam / read6)
+    report("forensics: family peak RSS (GiB)", fam_rss)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, checkpoint_arch, table
+from mergekit_sd.arch.detect import detect
+from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, table
 from mergekit_sd.engine.inputs import model_files
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.options import model_dirs
@@ -103,7 +104,7 @@ def find_base(lora_label: str, meta: dict[str, str], trained_on: str | os.PathLi
 
 def _probes(lora: LazyModel, label: str, w: Member) -> tuple[list[Probe], list[str]]:
     """The targets of every module that maps onto W and fits it; and what was skipped (why)."""
-    arch = checkpoint_arch(w.model.specs)
+    arch = detect(w.model.specs, partial=True).lora_arch
     if arch is None:
         raise UserError(f"is {w.arch.describe()}; LoRAs fit SD1, SD2 and SDXL checkpoints", w.name)
     parsed = parse_lora(lora.specs, label, "lora_te1" if arch == "sdxl" else "lora_te")

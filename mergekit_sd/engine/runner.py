@@ -27,7 +27,7 @@ from mergekit_sd.formats.open import as_loaded, open_model
 from mergekit_sd.formats.prefetch import default_workers, intra_op_threads
 from mergekit_sd.formats.safetensors import SafetensorsFile, header_size, read_header, write_model
 from mergekit_sd.lazy import LazyModel
-from mergekit_sd.ops import OpContext, get_op
+from mergekit_sd.ops import OpContext, get_op, pick_device
 from mergekit_sd.ops.check import check_steps
 from mergekit_sd.provenance.card import CardSource, input_holders, render_card, write_card_file
 from mergekit_sd.provenance.licences import assess
@@ -73,7 +73,7 @@ class Runner:
         self.facts = planner.facts
         self.states = planner.states
         self.keys = planner.keys
-        self.device = _device(planner.options.device)
+        self.device = pick_device(planner.options.device)
         self.workers = default_workers()
         planner.hash_while_reading = True
         self._hashing: dict[str, HashingReader] = {}  # inputs the running step hashes as it reads them
@@ -131,9 +131,7 @@ class Runner:
             if st.state == "input":
                 continue
             if st.state == "fresh":
-                report.fresh.append(name)
-                report.step(name, source="local")
-                self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: fresh")
+                self._fresh(name, report, f"[{steps.index(name) + 1}/{len(steps)}]")
                 continue
             if st.key is None:  # an input is new: the step's keys follow from the digests its reads compute
                 new = sorted({r for r in self.recipe.steps[name].refs if r in self.recipe.inputs})
@@ -152,9 +150,7 @@ class Runner:
                         self._record(name, st.op, key, ck, digest)
                         continue
                 if st.state == "fresh":
-                    report.fresh.append(name)
-                    report.step(name, source="local")
-                    self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: fresh")
+                    self._fresh(name, report, f"[{steps.index(name) + 1}/{len(steps)}]")
                     continue
             key, ck = self.keys[name]
             with self.store.lock(key):
@@ -191,6 +187,11 @@ class Runner:
         if uploaded:
             self.progress.line(f"uploaded {uploaded} object(s), {nbytes / 2**20:.1f} MiB, to {self.remote.remote.url}")
         return uploaded, nbytes, present
+
+    def _fresh(self, name: str, report: BuildReport, counter: str) -> None:
+        report.fresh.append(name)
+        report.step(name, source="local")
+        self.progress.line(f"{counter} {name}: fresh")
 
     def _record(self, name: str, op: str, key: str, ck: str, digest: str) -> None:
         self.states[name] = NodeState(name, op, key, "fresh", "built", digest)
@@ -408,12 +409,3 @@ def _check_kind(ref: str, model: LazyModel, want: str, step: str, where: str) ->
     if got != want and not (want == "checkpoint" and got == "unknown"):
         looks = "an unrecognised file" if got == "unknown" else f"a {got}"
         raise UserError(f"step {step!r} needs a {want} for {ref!r}, but {model.label} looks like {looks}", where)
-
-
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None

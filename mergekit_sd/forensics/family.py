@@ -18,7 +18,8 @@ import numpy as np
 from mergekit_sd.engine.progress import Progress
 from mergekit_sd.errors import UserError
 from mergekit_sd.forensics.cluster import Link, average_linkage, cut, leaf_order, mermaid
-from mergekit_sd.forensics.sources import open_many, pick_device
+from mergekit_sd.ops import pick_device
+from mergekit_sd.forensics.sources import open_many
 from mergekit_sd.forensics.stream import stream
 
 DEFAULT_CUT = 0.5

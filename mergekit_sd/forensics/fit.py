@@ -21,7 +21,8 @@ from mergekit_sd.engine.progress import Progress
 from mergekit_sd.errors import UserError
 from mergekit_sd.forensics.affine import COMPLEXITY, Form, abs_residual, all_forms, fit_form, general_form, relative
 from mergekit_sd.forensics.fitrecipe import recipe_text, rounded
-from mergekit_sd.forensics.sources import Member, open_checkpoint, open_many, pick_device
+from mergekit_sd.ops import pick_device
+from mergekit_sd.forensics.sources import Member, open_checkpoint, open_many
 from mergekit_sd.forensics.stream import StreamResult, stream
 from mergekit_sd.forensics.verdict import fit_verdict
 

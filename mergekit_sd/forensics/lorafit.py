@@ -35,7 +35,8 @@ from mergekit_sd.engine.progress import Progress
 from mergekit_sd.engine.state import StateDB
 from mergekit_sd.errors import UserError
 from mergekit_sd.formats.open import open_model
-from mergekit_sd.forensics.sources import Member, open_checkpoint, open_many, pick_device
+from mergekit_sd.ops import pick_device
+from mergekit_sd.forensics.sources import Member, open_checkpoint, open_many
 from mergekit_sd.forensics.verdict import lora_verdict
 from mergekit_sd.lazy import LazyModel
 from mergekit_sd.lora.delta import compute_delta, delta_shape, fits, ia3_delta, module_scale

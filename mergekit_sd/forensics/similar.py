@@ -12,7 +12,8 @@ from typing import Any
 
 from mergekit_sd.engine.progress import Progress
 from mergekit_sd.errors import UserError
-from mergekit_sd.forensics.sources import open_checkpoint, open_many, pick_device
+from mergekit_sd.ops import pick_device
+from mergekit_sd.forensics.sources import open_checkpoint, open_many
 from mergekit_sd.forensics.stream import stream
 
 

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from mergekit_sd.arch.detect import ArchInfo, detect, model_kind
 from mergekit_sd.engine.inputs import model_files
@@ -93,11 +92,3 @@ def open_many(items: list[str | os.PathLike], *, exclude: Path | None = None,
     return members, skipped
 
 
-def pick_device(name: str) -> torch.device:
-    """The device forensic math runs on: cpu (default) or cuda; exit 2 when CUDA is asked for and absent."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from mergekit_sd.arch.detect import ArchInfo, detect, model_kind
 from mergekit_sd.engine.inputs import model_files
 from mergekit_sd.errors import UserError

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -58,3 +59,13 @@ def options(args: argparse.Namespace) -> Options:
                    remote=remote_url(args), remote_endpoint=getattr(args, "remote_endpoint", None),
                    remote_read_only=getattr(args, "remote_read_only", False),
                    strict=getattr(args, "strict", False))
+
+
+def emit_text(args: argparse.Namespace, text: str, write: Callable[[Path, str], object]) -> None:
+    """Write `text` to `-o FILE` with `write` (saying so unless quiet), else to standard output."""
+    if args.output:
+        write(args.output, text)
+        if not args.quiet:
+            print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)

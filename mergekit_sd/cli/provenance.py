@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from mergekit_sd.cli.common import add_build_options, add_common, add_remote_options, cache_dir, command, options
+from mergekit_sd.cli.common import add_build_options, add_common, add_remote_options, cache_dir, command, emit_text, options
 from mergekit_sd.formats.atomic import write_text
 
 
@@ -67,12 +67,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     from mergekit_sd.engine.reproduce import recipe_for_file
 
     text = recipe_for_file(args.file, cache_dir(args))
-    if args.output:
-        write_text(args.output, text)
-        if not args.quiet:
-            print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    emit_text(args, text, write_text)
     return 0
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mergekit_sd.cli.common import add_common, cache_dir, command
+from mergekit_sd.cli.common import add_common, cache_dir, command, emit_text
 from mergekit_sd.errors import UserError
 
 
@@ -61,12 +61,7 @@ def cmd_card(args: argparse.Namespace) -> int:
             raise UserError(f"licence: {w} (--strict)", str(args.file))
         if not args.quiet:
             print(f"warning: licence: {w}", file=sys.stderr)
-    if args.output:
-        write_card_file(args.output, text)
-        if not args.quiet:
-            print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    emit_text(args, text, write_card_file)
     return 0
 
 

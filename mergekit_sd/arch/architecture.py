@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from mergekit_sd.lazy import TensorSpec
@@ -26,9 +26,14 @@ class Architecture:
     markers: tuple[str, ...]  # BFL-naming path stems that only this family's diffusion model has
     factor_key: str  # a diffusion-model path (no prefix) whose first dimension is the model width
     full_width: int  # that dimension at full size (shrunk synthetic models divide it)
-    blocks: tuple[str, ...]  # named blocks in positional-list order (ComfyUI's model merge node)
+    blocks: tuple[str, ...]  # named blocks in positional-list order (the inputs of ComfyUI's model merge node)
     block_of: Callable[[str], str | None]  # diffusion-model path (BFL naming, no prefix) -> block
     to_diffusers: Callable[[str, tuple[int, ...]], list[tuple[str, slice | None, bool]]] | None = None
+    # the block map, continued: diffusers path -> block (None: no diffusers naming), group name -> block-name prefix,
+    # and the ComfyUI node whose input names and order `blocks` follows
+    diffusers_block_of: Callable[[str], str | None] | None = None
+    groups: Mapping[str, str] = field(default_factory=dict)
+    merge_node: str = ""
 
     def modelspec_id(self, variant: str | None) -> str:
         return self.modelspec.get(variant) or self.modelspec[None]

@@ -2,7 +2,9 @@
 
 docs/formats.md §3. Which block a tensor belongs to differs between tools and their versions (SD1 `time_embed` is IN00,
 OUT11 or BASE depending on who you ask), so the mapping is a named, versioned rule set that a recipe may choose with
-`block_rule:` and that every output records in its provenance. Everything here works on tensor *names* only.
+`block_rule:` and that every output records in its provenance. The transformer architectures (Flux, SD3/3.5) declare
+their named blocks in their own modules (`arch.blockmap`); the `comfyui-2024` rule maps them. Everything here works
+on tensor *names* only.
 """
 
 from __future__ import annotations
@@ -13,17 +15,25 @@ from functools import lru_cache
 from importlib import resources
 from typing import Callable, Iterable
 
+from mergekit_sd.arch import blockmap, registry
 from mergekit_sd.arch.prefixes import UNET, VAE as VAE_PREFIX
 from mergekit_sd.errors import UserError, did_you_mean
 
 SD_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 SDXL_BLOCKS: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
 VAE = "VAE"
-FAMILY_BLOCKS = {"sd": SD_BLOCKS, "sdxl": SDXL_BLOCKS}
-FAMILY_NAME = {"sd": "SD1/SD2", "sdxl": "SDXL"}
+TE = blockmap.TE
+SD_FAMILIES = ("sd", "sdxl")
+# block family -> its blocks in list order: SD1/SD2, SDXL, then one per block list of arch.models (flux, mmdit24, ...)
+FAMILY_BLOCKS = {"sd": SD_BLOCKS, "sdxl": SDXL_BLOCKS, **{f: blockmap.family_blocks(f) for f in blockmap.families()}}
+FAMILY_NAME = {"sd": "SD1/SD2", "sdxl": "SDXL", **{f: blockmap.family_title(f) for f in blockmap.families()}}
 # the order ranges are read in: SDXL's list is a subsequence of this one
 _ORDER = {b: i for i, b in enumerate(SD_BLOCKS)}
 GROUPS = ("BASE", "IN", "M", "OUT", "VAE")
+_T_HEADS, _T_STEMS, _T_GROUPS = blockmap.all_block_names()
+# group -> block-name prefix for the transformer families (`DOUBLE` -> `double_blocks.`), and TE
+T_GROUPS = {g: p for f in blockmap.families() for g, p in blockmap.family_groups(f).items()}
+ALL_GROUPS = (*GROUPS, *sorted(T_GROUPS), TE)
 
 # ---------------------------------------------------------------------------------------------------------------
 # key -> block rule sets (docs/formats.md §3.2)
@@ -77,39 +87,53 @@ def _sdxl_rule(embeds: str | None) -> Callable[[str], str | None]:
 
 @dataclass(frozen=True)
 class BlockRule:
-    """A named, versioned key -> block mapping; `sdxl` is None where the rule set has no SDXL map."""
+    """A named, versioned key -> block mapping, one map per block family it covers."""
 
     id: str
     doc: str
-    sd: Callable[[str], str | None]
-    sdxl: Callable[[str], str | None] | None
+    maps: dict[str, Callable[[str], str | None]]
 
     def block(self, key: str, family: str) -> str | None:
         """The block of `key`, or None when this rule set leaves the tensor unmerged (kept from the first model)."""
-        fn = self.sd if family == "sd" else self.sdxl
+        return self.map_for(family)(key)
+
+    def map_for(self, family: str) -> Callable[[str], str | None]:
+        """The key -> block map for a family; a UserError naming the rules that have one when this rule has none."""
+        fn = self.maps.get(family)
         if fn is None:
-            raise UserError(f"block rule {self.id!r} has no {FAMILY_NAME.get(family, family)} block map")
-        return fn(key)
+            others = [r.id for r in RULES.values() if family in r.maps]
+            raise UserError(f"block rule {self.id!r} has no {FAMILY_NAME.get(family, family)} block map"
+                            + (f"; {FAMILY_NAME.get(family, family)} blocks follow {' or '.join(others)}" if others else ""))
+        return fn
 
 
 RULES: dict[str, BlockRule] = {
     r.id: r
     for r in (
         BlockRule("supermerger-2025", "supermerger since 2025-11-27: SD1 time_embed -> IN00; SDXL time_embed/label_emb -> IN00",
-                  _sd_rule("IN00"), _sdxl_rule("IN00")),
+                  {"sd": _sd_rule("IN00"), "sdxl": _sdxl_rule("IN00")}),
         BlockRule("supermerger-2023", "supermerger 2023-07-21 .. 2025-11-26: SD1 time_embed -> OUT11; SDXL time_embed/label_emb not merged",
-                  _sd_rule("OUT11"), _sdxl_rule(None)),
+                  {"sd": _sd_rule("OUT11"), "sdxl": _sdxl_rule(None)}),
         BlockRule("sd-mecha", "sd-mecha block conversion: time_embed (and SDXL label_emb) -> BASE",
-                  _sd_rule("BASE"), _sdxl_rule("BASE")),
+                  {"sd": _sd_rule("BASE"), "sdxl": _sdxl_rule("BASE")}),
         BlockRule("mbw-classic", "original MBW extension and supermerger before 2023-07 (SD1/SD2 only): time_embed -> IN00",
-                  _sd_rule("IN00"), None),
+                  {"sd": _sd_rule("IN00")}),
+        BlockRule("comfyui-2024", "ComfyUI's model-specific merge nodes (ModelMergeFlux1, ModelMergeSD3_2B, "
+                  "ModelMergeSD35_Large): Flux.1 and SD3/SD3.5 named blocks, in every naming",
+                  {f: blockmap.block_function(f) for f in blockmap.families()}),
     )
 }
 DEFAULT_RULE = "supermerger-2025"
+TRANSFORMER_RULE = "comfyui-2024"
 
 
-def get_rule(rule: str | None, where: str | None = None) -> BlockRule:
-    rid = rule or DEFAULT_RULE
+def default_rule(family: str | None) -> str:
+    """The rule used when a step names none: supermerger's for SD1/SD2/SDXL, ComfyUI's for the transformer families."""
+    return DEFAULT_RULE if family is None or family in SD_FAMILIES else TRANSFORMER_RULE
+
+
+def get_rule(rule: str | None, where: str | None = None, family: str | None = None) -> BlockRule:
+    rid = rule or default_rule(family)
     if rid not in RULES:
         raise UserError(f"unknown block rule {rid!r}{did_you_mean(rid, RULES)}; choose one of {', '.join(RULES)}", where)
     return RULES[rid]
@@ -117,28 +141,50 @@ def get_rule(rule: str | None, where: str | None = None) -> BlockRule:
 
 def block_of(key: str, family: str, rule: str | None = None) -> str | None:
     """The block a tensor belongs to under a rule set (None: the rule set leaves it unmerged)."""
-    return get_rule(rule).block(key, family)
+    return get_rule(rule, family=family).block(key, family)
 
 
 def family_of(arch) -> str | None:
-    """Block family ("sd" | "sdxl") from an ArchInfo, an architecture id, a ModelSpec string or a family name."""
+    """Block family ("sd" | "sdxl" | "flux" | "mmdit24" | ...) from an ArchInfo, an architecture id, a ModelSpec
+    string or a family name; None when the architecture has no block map."""
     if arch is None:
         return None
     fam = getattr(arch, "family", None)
     if fam is not None or hasattr(arch, "arch"):
         return fam
     a = str(arch)
-    if a in ("sd", "sdxl"):
+    if a in FAMILY_BLOCKS:
         return a
     if a in ("sd1", "sd2", "sdxl-refiner") or a.startswith(("stable-diffusion-v1", "stable-diffusion-v2", "stable-diffusion-xl-v1-refiner")):
         return "sd"
     if a == "sdxl" or a.startswith("stable-diffusion-xl"):
         return "sdxl"
+    for t in registry.all_architectures():
+        if a == t.id or a in t.modelspec.values():
+            return t.family
     return None
 
 
+def is_transformer(family: str | None) -> bool:
+    """A block family of arch.models (named blocks, TE/VAE/OTHER outside them), not SD1/SD2/SDXL."""
+    return family is not None and family not in SD_FAMILIES and family in FAMILY_BLOCKS
+
+
 def blocks_for(family: str, *, vae: bool = False) -> tuple[str, ...]:
+    """The blocks of a family in list order; with `vae`, every bucket a tensor can fall in (VAE, and for the
+    transformer families TE and OTHER)."""
+    if is_transformer(family):
+        return FAMILY_BLOCKS[family] + ((TE, VAE, blockmap.OTHER) if vae else ())
     return FAMILY_BLOCKS[family] + ((VAE,) if vae else ())
+
+
+def describe_family(family: str) -> str:
+    """`Flux.1 blocks: img_in, ..., double_blocks.0-18, ...; groups DOUBLE, SINGLE, TE, VAE` (for messages)."""
+    if is_transformer(family):
+        groups = ", ".join([*blockmap.family_groups(family), TE, VAE])
+        return f"{blockmap.summary(family)}; groups {groups}"
+    blocks = FAMILY_BLOCKS[family]
+    return f"{blocks[0]}, {blocks[1]}..{blocks[-1]}; groups BASE, IN, M, OUT, VAE"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,17 +232,32 @@ def sd_to_sdxl(weights: list[float]) -> list[float]:
     return [base] + tail[0:9] + tail[12:22]
 
 
-LIST_LENGTHS = {26: "sd", 27: "sd", 20: "sdxl", 21: "sdxl"}
+LIST_LENGTHS = {26: "sd", 27: "sd", 20: "sdxl", 21: "sdxl",
+                **{len(blockmap.family_blocks(f)): f for f in blockmap.families()}}
+
+
+def list_lengths_text() -> str:
+    """What block lists exist, for messages."""
+    t = ", ".join(f"{FAMILY_NAME[f]} {len(FAMILY_BLOCKS[f])} ({blockmap.family_nodes(f)} inputs)" for f in blockmap.families())
+    return ("SD1/SD2 take 26 (BASE, IN00-IN11, M00, OUT00-OUT11), SDXL 20 (BASE, IN00-IN08, M00, OUT00-OUT08) or 21 "
+            f"with VAE, {t}")
 
 
 def list_to_blocks(weights: list[float], family: str | None, where: str | None = None) -> dict[str, float]:
     """A list of every block in order -> {block: value} for the model's family (26 -> SDXL converted)."""
     n = len(weights)
     if family is None:
-        raise UserError("block weights need a known architecture (SD1, SD2 or SDXL); this model's is unknown, use a number", where)
+        raise UserError("block weights lists need a known architecture; this model's is unknown, use a number or a "
+                        "mapping of `default` and `re:<regex>` selectors", where)
     src = LIST_LENGTHS.get(n)
     if src is None:
-        raise UserError(f"block weights list has {n} values; SD1/SD2 take 26 (BASE, IN00-IN11, M00, OUT00-OUT11), SDXL 20 (BASE, IN00-IN08, M00, OUT00-OUT08) or 21 with VAE", where)
+        raise UserError(f"block weights list has {n} values; {list_lengths_text()}", where)
+    if is_transformer(family) or is_transformer(src):
+        if n != len(FAMILY_BLOCKS[family]):
+            raise UserError(f"block weights list has {n} values ({FAMILY_NAME[src]} blocks) but this is a "
+                            f"{FAMILY_NAME[family]} model, which takes {len(FAMILY_BLOCKS[family])} "
+                            f"({blockmap.summary(family) if is_transformer(family) else describe_family(family)})", where)
+        return dict(zip(FAMILY_BLOCKS[family], weights))
     vae = weights[-1] if n in (21, 27) else None
     core = list(weights[:-1] if vae is not None else weights)
     if src == "sd" and family == "sdxl":
@@ -230,6 +291,46 @@ def canonical_block(token: str) -> str | None:
     return None
 
 
+_NAMED_TOKEN = re.compile(r"^([a-z_]+)\.(\d{1,3})$")
+
+
+def canonical_named(token: str) -> str | None:
+    """A transformer block name as ComfyUI's merge nodes spell it: `double_blocks.03` and `double_blocks.3.` ->
+    `double_blocks.3`, `img_in.` -> `img_in`; None when no registered architecture has such a block."""
+    t = token.strip()
+    if t.endswith("."):  # the node's input names end with a dot
+        t = t[:-1]
+    if t in _T_HEADS:
+        return t
+    m = _NAMED_TOKEN.match(t)
+    if m and m.group(1) in _T_STEMS:
+        return f"{m.group(1)}.{int(m.group(2))}"
+    return None
+
+
+def _named_range(a: str, b: str, where: str | None) -> tuple[str, str] | None:
+    """`double_blocks.0-9` or `double_blocks.0-double_blocks.9` -> the two ends in order; None when not a range of
+    named blocks; a UserError for a range across two kinds of block."""
+    lo = canonical_named(a)
+    if lo is None:
+        return None
+    lo_n = blockmap.split_numbered(lo)
+    hi = f"{lo_n[0]}.{int(b.strip())}" if lo_n is not None and b.strip().isdigit() else canonical_named(b)
+    if hi is None:
+        return None
+    hi_n = blockmap.split_numbered(hi)
+    if lo_n is None or hi_n is None or lo_n[0] != hi_n[0]:
+        raise UserError(f"block range {a.strip()}-{b.strip()} must stay within one kind of numbered block, e.g. "
+                        f"{lo_n[0] if lo_n else 'double_blocks'}.0-9; list the other blocks separately", where)
+    return (lo, hi) if lo_n[1] <= hi_n[1] else (hi, lo)
+
+
+def _span(lo: str, hi: str) -> int:
+    if lo in _ORDER:
+        return _ORDER[hi] - _ORDER[lo]
+    return blockmap.split_numbered(hi)[1] - blockmap.split_numbered(lo)[1]
+
+
 @dataclass(frozen=True)
 class Selector:
     kind: str  # default | regex | vae | block | range | group
@@ -244,29 +345,47 @@ class Selector:
         if self.kind == "regex":
             return bool(self.pattern.search(key))
         if self.kind == "vae":
-            return is_vae_key(key)
+            return is_vae_key(key) or block == VAE
         if block is None:
             return False
         if self.kind == "block":
             return block == self.text
         if self.kind == "range":
-            return _ORDER[self.lo] <= _ORDER.get(block, -1) <= _ORDER[self.hi]
+            if self.lo in _ORDER:
+                return _ORDER[self.lo] <= _ORDER.get(block, -1) <= _ORDER[self.hi]
+            stem, lo = blockmap.split_numbered(self.lo)
+            num = blockmap.split_numbered(block)
+            return num is not None and num[0] == stem and lo <= num[1] <= blockmap.split_numbered(self.hi)[1]
         if self.kind == "group":
+            if self.text in T_GROUPS:
+                return block.startswith(T_GROUPS[self.text])
+            if self.text == TE:
+                return block == TE
             return block == "M00" if self.text == "M" else block.startswith(self.text)
         return False
+
+    @property
+    def named(self) -> bool:
+        """Needs an architecture with a block map (everything but `default` and `re:`)."""
+        return self.kind not in ("default", "regex")
 
     @property
     def rank(self) -> tuple[int, int]:
         """Specificity: regex, VAE, block, range (narrower first), group, default."""
         if self.kind == "range":
-            return (2, -(_ORDER[self.hi] - _ORDER[self.lo]))
+            return (2, -_span(self.lo, self.hi))
         return ({"regex": 5, "vae": 4, "block": 3, "group": 1, "default": 0}[self.kind], 0)
 
     def check_family(self, family: str, where: str | None) -> None:
+        """A UserError when the model's block family has no such block, range end or group."""
         blocks = FAMILY_BLOCKS[family]
         for b in ((self.text,) if self.kind == "block" else (self.lo, self.hi) if self.kind == "range" else ()):
             if b not in blocks:
-                raise UserError(f"{FAMILY_NAME[family]} has no block {b} (its blocks: {blocks[0]}, {blocks[1]}..{blocks[-1]})", where)
+                raise UserError(f"{FAMILY_NAME[family]} has no block {b} (its blocks: {describe_family(family)})", where)
+        if self.kind == "group":
+            groups = ({*blockmap.family_groups(family), TE} if is_transformer(family) else {"IN", "M", "OUT"})
+            if self.text not in groups:
+                raise UserError(f"{FAMILY_NAME[family]} has no group {self.text} (its blocks: {describe_family(family)})", where)
 
 
 def parse_selector(text: str, where: str | None = None, *, allow_regex: bool = True, allow_default: bool = True,
@@ -281,7 +400,7 @@ def parse_selector(text: str, where: str | None = None, *, allow_regex: bool = T
             return Selector("regex", "re:" + pat, re.compile(pat))
         except re.error as e:
             raise UserError(f"bad regular expression {pat!r}: {e}", where) from None
-    if t in ("IN", "OUT", "M"):
+    if t in ("IN", "OUT", "M", TE) or t in T_GROUPS:
         return Selector("group", t)
     if t == "VAE":
         return Selector("vae", "VAE")
@@ -292,15 +411,21 @@ def parse_selector(text: str, where: str | None = None, *, allow_regex: bool = T
             if _ORDER[lo] > _ORDER[hi]:
                 lo, hi = hi, lo
             return Selector("range", f"{lo}-{hi}", lo=lo, hi=hi)
+        ends = _named_range(a, b, where)
+        if ends is not None:
+            lo, hi = ends
+            return Selector("range", f"{lo}-{blockmap.split_numbered(hi)[1]}", lo=lo, hi=hi)
     else:
-        b = canonical_block(t)
+        b = canonical_block(t) or canonical_named(t)
         if b is not None:
             return Selector("block", b)
     if not strict:
         return None
-    choices = ["default", *GROUPS, *SD_BLOCKS]
-    raise UserError(f"unknown block selector {t!r}{did_you_mean(t.upper(), choices)}; use default, a block (IN04), a range "
-                    "(IN00-IN05), a group (BASE, IN, M, OUT, VAE) or re:<regex>", where)
+    choices = ["default", *ALL_GROUPS, *SD_BLOCKS, *sorted(_T_HEADS), *(f"{s}.0" for s in sorted(_T_STEMS))]
+    guess = t.upper() if t.upper() in choices or not did_you_mean(t, choices) else t
+    raise UserError(f"unknown block selector {t!r}{did_you_mean(guess, choices)}; use default, a block (IN04, "
+                    "double_blocks.3), a range (IN00-IN05, double_blocks.0-9), a group (BASE, IN, M, OUT, DOUBLE, "
+                    "SINGLE, JOINT, TE, VAE) or re:<regex>", where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,7 +493,8 @@ def compile_elemental(entries: list[str] | None, family: str | None, where: str 
     for text in entries or ():
         e = parse_elemental_entry(text, where)
         if e.blocks and family is None:
-            raise UserError("elemental block names need a known architecture (SD1, SD2 or SDXL)", where)
+            raise UserError("elemental block names need a known architecture with a block map (SD1, SD2, SDXL, "
+                            "Flux.1, SD3/SD3.5)", where)
         for s in e.blocks:
             if family is not None:
                 s.check_family(family, where)
@@ -437,7 +563,8 @@ def compile_inex(items: list[str] | None, family: str | None, where: str | None 
     for it in items:
         sel = None if it == "Adjust" else parse_selector(it, where, allow_default=False, strict=False)
         if sel is not None and sel.kind in ("block", "range", "group") and family is None:
-            raise UserError(f"block {it!r} needs a known architecture (SD1, SD2 or SDXL)", where)
+            raise UserError(f"block {it!r} needs a known architecture with a block map (SD1, SD2, SDXL, Flux.1, "
+                            "SD3/SD3.5); use re:<regex> or a tensor-name substring", where)
         if sel is not None and family is not None:
             sel.check_family(family, where)
         out.append((sel, it))

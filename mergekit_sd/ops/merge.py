@@ -26,6 +26,7 @@ from mergekit_sd.arch.blocks import (
     compile_inex,
     elemental_value,
     get_rule,
+    is_transformer,
     merged_by_inex,
     normalize_elemental,
     normalize_inex,
@@ -35,7 +36,7 @@ from mergekit_sd.errors import StepError, UserError
 from mergekit_sd.lazy import LazyModel, TensorSpec
 from mergekit_sd.methods import Method, load_methods
 from mergekit_sd.formats.safetensors import DTYPE_NAMES
-from mergekit_sd.arch.weights import compile_weight, is_block_weight, normalize_weight
+from mergekit_sd.arch.weights import check_weight, compile_weight, is_block_weight, normalize_weight, outside_list
 from mergekit_sd.ops import DTYPE_FIELD, REQUIRED, Field, OpContext, OpSpec, register_op
 
 KERNEL_VERSION = 1
@@ -132,9 +133,21 @@ def check_architectures(inputs: list[LazyModel], names: list[str], step: str) ->
     return archs
 
 
+def _weight_values(method: Method, params: dict) -> dict[str, Any]:
+    """Every weight of a step by field name (`alpha`, `weights[1]`), as the recipe gave it (normalised)."""
+    out: dict[str, Any] = {}
+    for p in method.params:
+        if p.kind == "weight":
+            out[p.name] = params.get(p.name, None if p.required else float(p.default))
+        elif p.kind == "weights":
+            for i, v in enumerate(params.get(p.name) or []):
+                out[f"{p.name}[{i}]"] = v
+    return out
+
+
 def check_merge(method: Method, params: dict, archs: list, step: str, names: list[str]) -> None:
-    """What a merge step can know before anything is built: its inputs' architectures agree, and block weights
-    have an architecture with a block map."""
+    """What a merge step can know before anything is built: its inputs' architectures agree, and its block weights,
+    block rule, elemental and include/exclude fit the first model's architecture (its block names, list length)."""
     known = [(n, a) for n, a in zip(names, archs) if a is not None and a.known]
     for n, a in known[1:]:
         if not a.compatible(known[0][1]):
@@ -145,10 +158,18 @@ def check_merge(method: Method, params: dict, archs: list, step: str, names: lis
     if first is None:
         return
     family = first.family if first.family in FAMILY_BLOCKS else None
-    for p in method.params:
-        if p.kind == "weight" and is_block_weight(params.get(p.name)) and family is None:
-            raise UserError(f"step {step!r}: block weights for {p.name!r} need SD1, SD2 or SDXL, but {names[0]} is "
-                            f"{first.describe()}; use a number")
+    rule = params.get("block_rule")
+    try:
+        for name, v in _weight_values(method, params).items():
+            if is_block_weight(v):
+                check_weight(v, arch=first, rule=rule, where=f"{name!r}", label=names[0])
+        if rule and family is not None:
+            get_rule(rule, "'block_rule'", family).map_for(family)
+        compile_inex(params.get("include"), family, "'include'")
+        compile_inex(params.get("exclude"), family, "'exclude'")
+        compile_elemental(params.get("elemental"), family, "'elemental'")
+    except UserError as e:
+        raise UserError(f"step {step!r} field {e}") from None
 
 
 class ResolvedWeights:
@@ -177,23 +198,22 @@ def resolve_weights(method: Method, params: dict, plan: dict[str, str], arch: Ar
     varying = [n for n, v in values.items() if is_block_weight(v)]
     blocky = bool(varying or elemental or include or exclude or explicit_rule)
     family = arch.family if arch.family in FAMILY_BLOCKS else None
-    if varying and family is None:
-        raise UserError(f"step {step!r}: block weights for {varying[0]!r} need a known architecture (SD1, SD2 or SDXL), "
-                        f"but {label} is {arch.describe()}; use a number")
     if elemental and "alpha" not in values:
         raise UserError(f"step {step!r}: elemental sets alpha, but {method.name} has no alpha")
-    rule = get_rule(explicit_rule, f"step {step!r} field 'block_rule'")
-    if blocky:
+    rule = get_rule(explicit_rule, f"step {step!r} field 'block_rule'", family)
+    if blocky and (family is not None or explicit_rule):
         out.rule = rule.id
     merged = [k for k, how in plan.items() if how in ("merge", "dim1")]
     if family is not None and blocky:
-        rule.block("model.diffusion_model.out.0.weight", family)  # a rule without a map for this family fails here
+        rule.map_for(family)  # a rule without a map for this family fails here
     inc = compile_inex(include, family, f"step {step!r} field 'include'")
     exc = compile_inex(exclude, family, f"step {step!r} field 'exclude'")
+    # a block list on Flux/SD3 covers the named blocks only: the rest is kept from the first model (ComfyUI's nodes)
+    outside = [f for f in (outside_list(values[n], arch=arch) for n in varying) if f is not None]
     blocks: dict[str, str | None] = {}
     for k in merged:
         block = rule.block(k, family) if family is not None else None
-        if explicit_rule and family is not None and block is None:
+        if (explicit_rule and family is not None and block is None) or any(f(k) for f in outside):
             plan[k] = "copy:0"
             out.not_merged += 1
             continue
@@ -202,7 +222,8 @@ def resolve_weights(method: Method, params: dict, plan: dict[str, str], arch: Ar
             out.not_merged += 1
             continue
         blocks[k] = (block or "BASE") if family is not None else None
-    fns = {n: compile_weight(values[n], arch=arch, rule=rule.id, where=f"step {step!r} field {n!r}") for n in varying}
+    fns = {n: compile_weight(values[n], arch=arch, rule=rule.id, where=f"step {step!r} field {n!r}", label=label)
+           for n in varying}
     for n, v in values.items():
         if n not in fns:
             out.constants[n] = v
@@ -336,7 +357,8 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         prov["block_rule"] = resolved.rule
     if resolved.not_merged:
         prov["not_merged"] = resolved.not_merged
-        ctx.warn(f"{resolved.not_merged} tensors kept from the first model by block_rule/include/exclude")
+        ctx.warn(f"{resolved.not_merged} tensors kept from the first model by block_rule/include/exclude"
+                 + (" or outside the named blocks of a block list" if is_transformer(archs[0].family) else ""))
     if missing:
         prov["missing_keys"] = {k: len(v) for k, v in missing.items()}
         for kind, ks in missing.items():

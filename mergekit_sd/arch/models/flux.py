@@ -32,6 +32,24 @@ def block_of(path: str) -> str | None:
     return head if head in BLOCKS else None
 
 
+# diffusers module stems -> BFL blocks, the inverse of `module_map` below at block level
+_DIFFUSERS_HEADS = {"x_embedder": "img_in", "context_embedder": "txt_in", "time_text_embed.timestep_embedder": "time_in",
+                    "time_text_embed.guidance_embedder": "guidance_in", "time_text_embed.text_embedder": "vector_in",
+                    "norm_out": "final_layer", "proj_out": "final_layer"}
+
+
+def diffusers_block_of(path: str) -> str | None:
+    """diffusers path -> the same ModelMergeFlux1 block its BFL tensor has (`transformer_blocks.3.attn.to_q.weight`
+    -> `double_blocks.3`)."""
+    m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.", path)
+    if m:
+        return f"{'double_blocks' if m.group(1) == 'transformer_blocks' else 'single_blocks'}.{int(m.group(2))}"
+    for stem, block in _DIFFUSERS_HEADS.items():
+        if path.startswith(stem + "."):
+            return block
+    return None
+
+
 _TOP = {"img_in": "x_embedder", "txt_in": "context_embedder", "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
         "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
         "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
@@ -110,4 +128,5 @@ ARCHITECTURES = (Architecture(
     components={"diffuser": ("transformer", "model.diffusion_model."), "clip_l": ("text_encoder", "text_encoders.clip_l."),
                 "t5xxl": ("text_encoder_2", "text_encoders.t5xxl."), "vae": ("vae", "vae.")},
     detect=detect, markers=MARKERS, factor_key="img_in.weight", full_width=3072, blocks=BLOCKS, block_of=block_of,
-    to_diffusers=to_diffusers),)
+    to_diffusers=to_diffusers, diffusers_block_of=diffusers_block_of,
+    groups={"DOUBLE": "double_blocks.", "SINGLE": "single_blocks."}, merge_node="ModelMergeFlux1"),)

@@ -19,7 +19,8 @@ HEAD = ("pos_embed", "x_embedder", "context_embedder", "y_embedder", "t_embedder
 
 
 def blocks(depth: int) -> tuple[str, ...]:
-    """ComfyUI ModelMergeSD3_2B / ModelMergeSD35_Large order."""
+    """ComfyUI ModelMergeSD3_2B / ModelMergeSD35_Large input order (SD3.5 medium has no node of its own: its 24
+    joint blocks are ModelMergeSD3_2B's)."""
     return (*HEAD, *(f"joint_blocks.{i}" for i in range(depth)), "final_layer")
 
 
@@ -55,17 +56,17 @@ _COMMON = dict(
     components={"diffuser": ("transformer", "model.diffusion_model."), "clip_l": ("text_encoder", "text_encoders.clip_l."),
                 "clip_g": ("text_encoder_2", "text_encoders.clip_g."), "t5xxl": ("text_encoder_3", "text_encoders.t5xxl."),
                 "vae": ("vae", "first_stage_model.")},
-    markers=MARKERS, factor_key="x_embedder.proj.weight", block_of=block_of,
+    markers=MARKERS, factor_key="x_embedder.proj.weight", block_of=block_of, groups={"JOINT": "joint_blocks."},
 )
 
 ARCHITECTURES = (
     Architecture(id="sd3", title="SD3 medium", reference="sd3-medium.json", family="mmdit24",
                  modelspec={None: "stable-diffusion-v3-medium"}, detect=_detector("sd3"),
-                 full_width=1536, blocks=blocks(24), **_COMMON),
+                 full_width=1536, blocks=blocks(24), merge_node="ModelMergeSD3_2B", **_COMMON),
     Architecture(id="sd35m", title="SD3.5 medium", reference="sd35-medium.json", family="mmdit24",
                  modelspec={None: "stable-diffusion-v3.5-medium"}, detect=_detector("sd35m"),
-                 full_width=1536, blocks=blocks(24), **_COMMON),
+                 full_width=1536, blocks=blocks(24), merge_node="ModelMergeSD3_2B", **_COMMON),
     Architecture(id="sd35l", title="SD3.5 large", reference="sd35-large.json", family="mmdit38",
                  modelspec={None: "stable-diffusion-v3.5-large"}, detect=_detector("sd35l"),
-                 full_width=2432, blocks=blocks(38), **_COMMON),
+                 full_width=2432, blocks=blocks(38), merge_node="ModelMergeSD35_Large", **_COMMON),
 )

@@ -421,7 +421,10 @@ def parse_selector(text: str, where: str | None = None, *, allow_regex: bool = T
             return Selector("block", b)
     if not strict:
         return None
-    choices = ["default", *ALL_GROUPS, *SD_BLOCKS, *sorted(_T_HEADS), *(f"{s}.0" for s in sorted(_T_STEMS))]
+    choices = ["default", *ALL_GROUPS, *SD_BLOCKS, *sorted(_T_HEADS)]
+    m = re.match(r"^([A-Za-z_]+)\.(\d+)\.?$", t)
+    if m:  # a numbered block with a misspelt stem: suggest the stem with the same number
+        choices += [f"{s}.{int(m.group(2))}" for s in sorted(_T_STEMS)]
     guess = t.upper() if t.upper() in choices or not did_you_mean(t, choices) else t
     raise UserError(f"unknown block selector {t!r}{did_you_mean(guess, choices)}; use default, a block (IN04, "
                     "double_blocks.3), a range (IN00-IN05, double_blocks.0-9), a group (BASE, IN, M, OUT, DOUBLE, "

@@ -366,3 +366,29 @@ def test_provenance_records_the_rule_and_rebuilds_are_identical(tmp_path, sdbuil
     (tmp_path / "m.safetensors").unlink()
     assert sdbuild("build", rp, "-q", "--cache-dir", tmp_path / "c2").code == 0
     assert (tmp_path / "m.safetensors").read_bytes() == first
+
+
+def test_fit_recovers_a_flux_block_merge_as_a_runnable_recipe(tmp_path, sdbuild):
+    """`sdbuild fit --blocks` on a Flux merge: per-block weights come back as a mapping (a Flux list has no slot for
+    the text encoders and VAE) that rebuilds the same tensors."""
+    from safetensors import safe_open
+
+    _synth(sdbuild, tmp_path, naming="comfyui")
+    rp = write_recipe(tmp_path, """
+        sdbuild: 1
+        inputs: {a: flux1.safetensors, b: flux2.safetensors}
+        steps:
+          m: {op: weighted_sum, models: [a, b], alpha: {default: 0.25, DOUBLE: 0.5, final_layer: 1, TE: 0, VAE: 0.75}}
+        outputs: {m: m.safetensors}
+        """)
+    assert sdbuild("build", rp, "-q").code == 0
+    r = sdbuild("fit", tmp_path / "m.safetensors", "--candidates", tmp_path / "flux1.safetensors",
+                tmp_path / "flux2.safetensors", "--blocks", "-o", tmp_path / "refit.yaml", "-q")
+    assert r.code == 0
+    text = (tmp_path / "refit.yaml").read_text()
+    assert "double_blocks.18: 0.5" in text and "VAE: 0.75" in text and "[" not in text.split("alpha:")[1].split("\n")[0]
+    assert sdbuild("build", tmp_path / "refit.yaml", "-q").code == 0
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f, safe_open(str(tmp_path / "m-fit.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        for k in f.keys():
+            assert torch.equal(f.get_tensor(k), g.get_tensor(k)), k

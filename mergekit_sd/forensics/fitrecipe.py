@@ -2,7 +2,8 @@
 
 Parameter values come per bucket (block of the block map, or VAE). One value everywhere is written as a number;
 a few buckets that differ (a VAE copied from one parent) as a selector mapping; values that vary block by block
-as the architecture's block list (26 for SD1/SD2, 20 for SDXL, plus a last value for the VAE when it differs).
+as the architecture's block list (26 for SD1/SD2, 20 for SDXL, plus a last value for the VAE when it differs), or
+for Flux and SD3/3.5, whose lists have no slot for text encoders and VAE, as a mapping of the blocks that differ.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergekit_sd.arch.blocks import VAE, blocks_for
+from mergekit_sd.arch.blockmap import OTHER
+from mergekit_sd.arch.blocks import VAE, blocks_for, is_transformer
 from mergekit_sd.errors import UserError
 from mergekit_sd.forensics.affine import Form
 
@@ -51,8 +53,9 @@ def weight_text(values: dict[str, float], order: list[str], family: str | None, 
     for v in values.values():
         counts[v] = counts.get(v, 0) + 1
     default = max(counts, key=lambda v: (counts[v], -abs(v)))
-    if exceptions_only or family is None:
-        items = [f"default: {_num(default)}"] + [f"{b}: {_num(v)}" for b, v in values.items() if v != default and b in order]
+    if exceptions_only or family is None or is_transformer(family):  # Flux/SD3 lists cannot hold TE and VAE
+        items = [f"default: {_num(default)}"] + [f"{b}: {_num(v)}" for b, v in values.items()
+                                                 if v != default and b in order and b != OTHER]
         return "{" + ", ".join(items) + "}"
     blocks = list(blocks_for(family))
     vals = [values.get(b, default) for b in blocks]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergekit_sd.arch.blocks import DEFAULT_RULE, RULES
+from mergekit_sd.arch.blocks import DEFAULT_RULE, RULES, TRANSFORMER_RULE
 from mergekit_sd.methods import REQUIRED, Method, load_methods
 
 # what the models of a method are, when the signature's names say too little
@@ -66,7 +66,8 @@ def format_methods_table() -> str:
             lines.append(f"    {d['doc']}")
     lines.append("")
     lines.append("Weight parameters (alpha, beta, ...) take a number or block weights; every merge op also takes")
-    lines.append("dtype, on_missing, block_rule (" + ", ".join(RULES) + f"; default {DEFAULT_RULE}), elemental, include, exclude.")
+    lines.append("dtype, on_missing, block_rule (" + ", ".join(RULES) + f"; default {DEFAULT_RULE},")
+    lines.append(f"{TRANSFORMER_RULE} on Flux and SD3/3.5), elemental, include, exclude.")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from mergekit_sd.arch.blocks import (
     DEFAULT_RULE,
     FAMILY_BLOCKS,
     RULES,
+    TRANSFORMER_RULE,
     compile_elemental,
     compile_inex,
     elemental_value,
@@ -373,11 +374,13 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
 
 BLOCK_FIELDS = (
     Field("block_rule", "choice", None, tuple(RULES),
-          f"which tool's key-to-block mapping block weights follow (default {DEFAULT_RULE}); recorded in provenance"),
+          f"which tool's key-to-block mapping block weights follow (default {DEFAULT_RULE}; {TRANSFORMER_RULE} on Flux "
+          "and SD3/3.5); recorded in provenance"),
     Field("elemental", "any", None, doc="supermerger elemental merge: BLOCKS:ELEMENTS:RATIO entries overriding alpha per tensor",
           validate=normalize_elemental,
           schema={"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
-    Field("include", "list", None, doc="merge only these blocks (IN04, IN00-IN05, OUT, VAE), re:<regex> or key substrings",
+    Field("include", "list", None, doc="merge only these blocks (IN04, IN00-IN05, OUT, double_blocks.0-9, DOUBLE, TE, VAE), "
+          "re:<regex> or key substrings",
           validate=normalize_inex,
           schema={"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
     Field("exclude", "list", None, doc="keep the first model's tensors for these blocks, re:<regex> or key substrings",

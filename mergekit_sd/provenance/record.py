@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mergekit_sd import TOOL
-from mergekit_sd.arch.blocks import DEFAULT_RULE
+from mergekit_sd.arch.blocks import DEFAULT_RULE, default_rule, family_of
 from mergekit_sd.arch.modelspec import resolution
 from mergekit_sd.formats.digests import canonical
 from mergekit_sd.provenance.a1111 import input_from_metadata, merge_fields
@@ -84,7 +84,7 @@ def build_metadata(recipe, node: str, nodes: list[NodeFacts], architecture: str 
             # every output of the subgraph, so a recovered recipe writes (and reproduces) the same files
             "outputs": {n.name: list(recipe.outputs[n.name]) for n in nodes if n.name in recipe.outputs},
         },
-        "nodes": {n.name: _node_entry(n, node) for n in nodes if n.kind == "step"},
+        "nodes": {n.name: _node_entry(n, node, default_rule(family_of(architecture))) for n in nodes if n.kind == "step"},
     }
     logs = {n.name: list(n.log) for n in nodes if n.kind == "step" and n.log}
     if logs:
@@ -103,13 +103,13 @@ def build_metadata(recipe, node: str, nodes: list[NodeFacts], architecture: str 
     return meta
 
 
-def _node_entry(n: NodeFacts, node: str) -> dict[str, Any]:
+def _node_entry(n: NodeFacts, node: str, fallback_rule: str = DEFAULT_RULE) -> dict[str, Any]:
     """How a step was computed: op and op version, step key, result digest, and the block rule that mapped
     tensor names to blocks (a rule is versioned by its id; ops report the one they resolved in their facts)."""
     e: dict[str, Any] = {"op": n.op, "version": n.version, "key": n.compute_key, "digest": n.digest if n.name != node else None}
     rule = (n.facts or {}).get("block_rule") or (n.params or {}).get("block_rule")
     if not rule and _has_block_weights(n.params or {}):
-        rule = DEFAULT_RULE
+        rule = fallback_rule  # an op that does not report its rule used the default for the model's architecture
     if rule:
         e["block_rule"] = rule
     return e

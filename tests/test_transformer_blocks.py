@@ -282,6 +282,8 @@ def test_canonical_spellings():
         parse_selector("double_blocks.15-single_blocks.3")
     with pytest.raises(UserError, match="did you mean 'double_blocks.3'"):
         normalize_weight({"double_block.3": 1}, "a")
+    with pytest.raises(UserError, match="transformer_blocks.3 is Flux.1's double_blocks.3 in ComfyUI's block names"):
+        normalize_weight({"transformer_blocks.3": 1}, "a")
     with pytest.raises(UserError, match="63 \\(ModelMergeFlux1 inputs\\).*30 \\(ModelMergeSD3_2B inputs\\).*44 \\(ModelMergeSD35_Large inputs\\)"):
         normalize_weight([0.1] * 62, "a")
 
@@ -392,3 +394,13 @@ def test_fit_recovers_a_flux_block_merge_as_a_runnable_recipe(tmp_path, sdbuild)
         assert set(f.keys()) == set(g.keys())
         for k in f.keys():
             assert torch.equal(f.get_tensor(k), g.get_tensor(k)), k
+
+
+def test_an_op_without_a_reported_rule_is_recorded_with_its_architectures_default():
+    from mergekit_sd.provenance.record import NodeFacts, _node_entry
+
+    step = NodeFacts("bake", "step", "d", op="lora", version=1, params={"strength": {"default": 1.0, "DOUBLE": 0.5}})
+    assert _node_entry(step, "out", "comfyui-2024")["block_rule"] == "comfyui-2024"
+    assert _node_entry(step, "out")["block_rule"] == "supermerger-2025"
+    scalar = NodeFacts("bake", "step", "d", op="lora", version=1, params={"strength": 1.0})
+    assert "block_rule" not in _node_entry(scalar, "out", "comfyui-2024")

@@ -426,7 +426,12 @@ def parse_selector(text: str, where: str | None = None, *, allow_regex: bool = T
     if m:  # a numbered block with a misspelt stem: suggest the stem with the same number
         choices += [f"{s}.{int(m.group(2))}" for s in sorted(_T_STEMS)]
     guess = t.upper() if t.upper() in choices or not did_you_mean(t, choices) else t
-    raise UserError(f"unknown block selector {t!r}{did_you_mean(guess, choices)}; use default, a block (IN04, "
+    hint = did_you_mean(guess, choices)
+    for arch in registry.all_architectures():  # a diffusers module name: say which named block it is
+        named = arch.diffusers_block_of(t.rstrip(".") + ".") if arch.diffusers_block_of is not None else None
+        if named is not None:
+            hint = f" ({t} is {arch.title}'s {named} in ComfyUI's block names)"
+    raise UserError(f"unknown block selector {t!r}{hint}; use default, a block (IN04, "
                     "double_blocks.3), a range (IN00-IN05, double_blocks.0-9), a group (BASE, IN, M, OUT, DOUBLE, "
                     "SINGLE, JOINT, TE, VAE) or re:<regex>", where)
 

@@ -75,11 +75,10 @@ def summary(family: str) -> str:
     return ", ".join(f"{p}.{runs[p][0]}-{runs[p][1]}" if p in runs else p for p in parts)
 
 
-def all_block_names() -> tuple[set[str], set[str], set[str]]:
-    """Over every registered architecture: unnumbered block names, numbered stems, group names."""
+def all_block_names() -> tuple[set[str], set[str]]:
+    """Over every registered architecture: the unnumbered block names and the stems of the numbered ones."""
     heads: set[str] = set()
     stems: set[str] = set()
-    groups: set[str] = set()
     for a in registry.all_architectures():
         for b in a.blocks:
             num = split_numbered(b)
@@ -87,8 +86,7 @@ def all_block_names() -> tuple[set[str], set[str], set[str]]:
                 heads.add(b)
             else:
                 stems.add(num[0])
-        groups.update(a.groups)
-    return heads, stems, groups
+    return heads, stems
 
 
 def key_block(arch: Architecture, key: str) -> str:

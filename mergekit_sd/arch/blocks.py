@@ -30,7 +30,7 @@ FAMILY_NAME = {"sd": "SD1/SD2", "sdxl": "SDXL", **{f: blockmap.family_title(f) f
 # the order ranges are read in: SDXL's list is a subsequence of this one
 _ORDER = {b: i for i, b in enumerate(SD_BLOCKS)}
 GROUPS = ("BASE", "IN", "M", "OUT", "VAE")
-_T_HEADS, _T_STEMS, _T_GROUPS = blockmap.all_block_names()
+_T_HEADS, _T_STEMS = blockmap.all_block_names()
 # group -> block-name prefix for the transformer families (`DOUBLE` -> `double_blocks.`), and TE
 T_GROUPS = {g: p for f in blockmap.families() for g, p in blockmap.family_groups(f).items()}
 ALL_GROUPS = (*GROUPS, *sorted(T_GROUPS), TE)
@@ -179,7 +179,7 @@ def blocks_for(family: str, *, vae: bool = False) -> tuple[str, ...]:
 
 
 def describe_family(family: str) -> str:
-    """`Flux.1 blocks: img_in, ..., double_blocks.0-18, ...; groups DOUBLE, SINGLE, TE, VAE` (for messages)."""
+    """`img_in, ..., double_blocks.0-18, ..., final_layer; groups DOUBLE, SINGLE, TE, VAE` (for messages)."""
     if is_transformer(family):
         groups = ", ".join([*blockmap.family_groups(family), TE, VAE])
         return f"{blockmap.summary(family)}; groups {groups}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from mergekit_sd.lazy import TensorSpec
@@ -29,6 +29,12 @@ class Architecture:
     blocks: tuple[str, ...]  # named blocks in positional-list order (ComfyUI's model merge node)
     block_of: Callable[[str], str | None]  # diffusion-model path (BFL naming, no prefix) -> block
     to_diffusers: Callable[[str, tuple[int, ...]], list[tuple[str, slice | None, bool]]] | None = None
+    # LoRA name table: diffusion-model path (BFL naming, no `.weight`) -> [(module path another LoRA naming gives it,
+    # its rows of the BFL tensor as (start, stop, of): rows [start·n/of, stop·n/of) of n, None for all, halves swapped)]; the kohya
+    # name (`lora_unet_` + the BFL path) is implied
+    lora_aliases: Callable[[str], list[tuple[str, tuple[int, int, int] | None, bool]]] | None = None
+    # kohya text-encoder prefixes (`lora_te1`, ...) -> component (a key of `components`)
+    lora_text_encoders: Mapping[str, str] = field(default_factory=dict)
 
     def modelspec_id(self, variant: str | None) -> str:
         return self.modelspec.get(variant) or self.modelspec[None]

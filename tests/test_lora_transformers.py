@@ -328,3 +328,160 @@ def test_sd3_kohya_and_diffusers_bakes(sd3, tmp_path, sdbuild):
     out = load_file(_bake(tmp_path / "d", sdbuild, sd3 / "sd3.safetensors", tmp_path / "d.safetensors"))
     want = expected_bake(base, dif, lambda p: _sd3_diffusers_site(p.removeprefix("transformer."), 24), "model.diffusion_model.")
     assert _assert_baked(out, want, base) == len({_sd3_diffusers_site(p[len("transformer."):], 24)[0] for p in _modules(dif)})
+
+
+# --- extract and merge -----------------------------------------------------------------------------------------
+
+def test_flux_extract_at_full_rank_reproduces_the_difference(flux, tmp_path, sdbuild):
+    from mergekit_sd.synth.models import write_like
+
+    write_like(tmp_path / "tuned.safetensors", flux / "flux.safetensors", 0.05, seed=4)
+    rp = write_recipe(tmp_path, """
+        sdbuild: 1
+        inputs: {base: %s, tuned: tuned.safetensors}
+        steps:
+          x: {op: extract_lora, models: [base, tuned], rank: 100000, min_diff: null, dtype: fp32}
+          b: {op: lora, model: base, loras: [{lora: x, strength: 1}]}
+        outputs: {x: x.safetensors, b: b.safetensors}
+        """ % (flux / "flux.safetensors"))
+    r = sdbuild("build", rp, "-q", "--cache-dir", tmp_path / "cache")
+    assert r.code == 0, r.err
+    lora = load_file(tmp_path / "x.safetensors")
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in lora
+    assert "lora_unet_single_blocks_37_linear1.lora_up.weight" in lora
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in lora
+    base, tuned, baked = (load_file(p) for p in (flux / "flux.safetensors", tmp_path / "tuned.safetensors",
+                                                 tmp_path / "b.safetensors"))
+    touched = {k for k in base if torch.is_floating_point(base[k]) and not torch.equal(baked[k], base[k])}
+    # every linear layer of every block, and CLIP-L's attention and MLP
+    assert len([k for k in touched if ".double_blocks." in k]) == 19 * 10
+    assert len([k for k in touched if ".single_blocks." in k]) == 38 * 3
+    assert len([k for k in touched if k.startswith("text_encoders.clip_l.")]) == 6 * len(
+        {k.split(".layers.")[1].split(".")[0] for k in base if ".clip_l." in k and ".layers." in k})
+    for k in touched:
+        torch.testing.assert_close(baked[k], tuned[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_flux_merge_concat_equals_baking_each(flux, tmp_path, sdbuild):
+    """kohya, diffusers and XLabs LoRAs merged into one kohya-named LoRA bake to what the three bake to in turn."""
+    rp = write_recipe(tmp_path, """
+        sdbuild: 1
+        inputs: {m: %s, k: %s, d: %s, x: %s}
+        steps:
+          merged: {op: merge_loras, loras: [{lora: k, strength: 0.5}, {lora: d, strength: -0.7}, {lora: x, strength: 1.2}]}
+          one: {op: lora, model: m, loras: [{lora: merged, strength: 1}]}
+          three: {op: lora, model: m, loras: [{lora: k, strength: 0.5}, {lora: d, strength: -0.7}, {lora: x, strength: 1.2}]}
+          svd: {op: merge_loras, loras: [{lora: d, strength: 1}, {lora: x, strength: 1}], mode: svd, rank: 64}
+          svd_bake: {op: lora, model: m, loras: [{lora: svd, strength: 1}]}
+          two: {op: lora, model: m, loras: [{lora: d, strength: 1}, {lora: x, strength: 1}]}
+        outputs: {merged: merged.safetensors, one: one.safetensors, three: three.safetensors, svd: svd.safetensors,
+                  svd_bake: svd_bake.safetensors, two: two.safetensors}
+        """ % (flux / "flux.safetensors", flux / "kohya.safetensors", flux / "diffusers.safetensors",
+               flux / "xlabs.safetensors"))
+    r = sdbuild("build", rp, "-q", "--cache-dir", tmp_path / "cache")
+    assert r.code == 0, r.err
+    merged = load_file(tmp_path / "merged.safetensors")
+    assert all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_")) for k in merged)
+    # q, k, v (4 each) of diffusers, 4 of kohya and 4 of XLabs on one fused qkv: rank 4 + 3*4 + 4
+    assert merged["lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight"].shape[0] == 20
+    one, three = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "three.safetensors")
+    for k in one:
+        torch.testing.assert_close(one[k], three[k], rtol=1e-5, atol=1e-6, msg=k)
+    # mode svd at a rank above the layers' (48 wide at this size) is exact too
+    svd = load_file(tmp_path / "svd.safetensors")
+    assert svd["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0] == 48
+    a, b = load_file(tmp_path / "svd_bake.safetensors"), load_file(tmp_path / "two.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_sd3_extract_and_merge(sd3, tmp_path, sdbuild):
+    from mergekit_sd.synth.models import write_like
+
+    write_like(tmp_path / "tuned.safetensors", sd3 / "sd3.safetensors", 0.05, seed=6)
+    rp = write_recipe(tmp_path, """
+        sdbuild: 1
+        inputs: {base: %s, tuned: tuned.safetensors, k: %s, d: %s}
+        steps:
+          x: {op: extract_lora, models: [base, tuned], rank: 100000, dtype: fp32}
+          b: {op: lora, model: base, loras: [{lora: x, strength: 1}]}
+          merged: {op: merge_loras, loras: [{lora: k, strength: 0.3}, {lora: d, strength: 0.6}]}
+          one: {op: lora, model: base, loras: [{lora: merged, strength: 1}]}
+          two: {op: lora, model: base, loras: [{lora: k, strength: 0.3}, {lora: d, strength: 0.6}]}
+        outputs: {b: b.safetensors, merged: merged.safetensors, one: one.safetensors, two: two.safetensors}
+        """ % (sd3 / "sd3.safetensors", sd3 / "kohya.safetensors", sd3 / "diffusers.safetensors"))
+    r = sdbuild("build", rp, "-q", "--cache-dir", tmp_path / "cache")
+    assert r.code == 0, r.err
+    base, tuned, baked = (load_file(p) for p in (sd3 / "sd3.safetensors", tmp_path / "tuned.safetensors", tmp_path / "b.safetensors"))
+    touched = [k for k in base if not torch.equal(baked[k], base[k])]
+    assert "model.diffusion_model.joint_blocks.5.context_block.attn.qkv.weight" in touched
+    for k in touched:
+        torch.testing.assert_close(baked[k], tuned[k], rtol=1e-4, atol=1e-5, msg=k)
+    merged = load_file(tmp_path / "merged.safetensors")
+    assert all(k.startswith("lora_unet_joint_blocks_") for k in merged)
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --- bad inputs --------------------------------------------------------------------------------------------------
+
+def _fail(tmp_path: Path, sdbuild, model: Path, lora: Path, extra: str = "") -> str:
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs: {{m: {model}, l: {lora}}}
+        steps:
+          b: {{op: lora, model: m, loras: [{{lora: l, strength: 1}}]{extra}}}
+        outputs: {{b: baked.safetensors}}
+        """)
+    r = sdbuild("build", rp, "-q", "--cache-dir", tmp_path / "cache")
+    assert r.code == 2 and r.err.count("\n") == 1 and "Traceback" not in r.err, r
+    assert not (tmp_path / "baked.safetensors").exists()
+    return r.err
+
+
+def test_sd1_lora_without_metadata_on_flux(flux, tmp_path, sdbuild):
+    write_synth_lora(tmp_path / "sd1.safetensors", "sd1", "lora", FACTOR, 4, 0, metadata=False)
+    err = _fail(tmp_path, sdbuild, flux / "flux.safetensors", tmp_path / "sd1.safetensors")
+    assert "SD1/SD2/SDXL" in err and "Flux.1" in err and "names a UNet block" in err
+
+
+def test_flux_lora_on_a_block_the_model_lacks(flux, tmp_path, sdbuild):
+    lora = load_file(flux / "kohya.safetensors")
+    lora = {k.replace("lora_unet_double_blocks_3_", "lora_unet_double_blocks_25_"): v for k, v in lora.items()}
+    save_file(lora, tmp_path / "deep.safetensors")
+    err = _fail(tmp_path, sdbuild, flux / "flux.safetensors", tmp_path / "deep.safetensors")
+    assert "lora_unet_double_blocks_25_" in err and "maps to no key" in err
+    # schnell has no guidance embedder
+    write_synth(tmp_path / "schnell.safetensors", "flux", FACTOR, "fp32", 1, variant="schnell", diffusion_only=True)
+    g = torch.Generator().manual_seed(0)
+    w = load_file(flux / "flux.safetensors")["model.diffusion_model.guidance_in.in_layer.weight"]
+    save_file({"lora_unet_guidance_in_in_layer.lora_down.weight": torch.randn(2, w.shape[1], generator=g),
+               "lora_unet_guidance_in_in_layer.lora_up.weight": torch.randn(w.shape[0], 2, generator=g)},
+              tmp_path / "g.safetensors")
+    (tmp_path / "s").mkdir()
+    err = _fail(tmp_path / "s", sdbuild, tmp_path / "schnell.safetensors", tmp_path / "g.safetensors")
+    assert "guidance_in.in_layer.weight" in err and "missing" in err
+
+
+def test_flux_lora_on_sd3_and_shape_mismatch(flux, sd3, tmp_path, sdbuild):
+    err = _fail(tmp_path, sdbuild, sd3 / "sd3.safetensors", flux / "kohya.safetensors")
+    assert "Flux.1" in err and "SD3" in err
+    # a Flux LoRA for another width (factor 32 against a factor-64 model) names the module and both shapes
+    write_synth_lora(tmp_path / "wide.safetensors", "flux", "lora", 32, rank=4, seed=1, naming="diffusers", te=False,
+                     only=["transformer.transformer_blocks.2.attn.to_k"])
+    (tmp_path / "w").mkdir()
+    err = _fail(tmp_path / "w", sdbuild, flux / "flux-bfl.safetensors", tmp_path / "wide.safetensors")
+    assert "transformer.transformer_blocks.2.attn.to_k" in err and "double_blocks.2.img_attn.qkv.weight" in err
+
+
+def test_text_encoder_modules_skipped_with_a_warning_on_a_diffusion_only_model(flux, tmp_path, sdbuild):
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs: {{m: {flux / "flux-bfl.safetensors"}, l: {flux / "kohya.safetensors"}}}
+        steps:
+          b: {{op: lora, model: m, loras: [{{lora: l, strength: 1}}]}}
+        outputs: {{b: baked.safetensors}}
+        """)
+    r = sdbuild("build", rp, "--cache-dir", tmp_path / "cache")
+    assert r.code == 0 and "text-encoder LoRA modules" in r.err and "lora_te1_" in r.err

@@ -1,10 +1,12 @@
-"""`op: lora` — bake LoRA / LyCORIS files into a checkpoint (docs/formats.md §5).
+"""`op: lora` — bake LoRA / LyCORIS files into a checkpoint (docs/formats.md §5; Flux and SD3/3.5: docs/keys.md).
 
 Everything that can go wrong is decided in `build` from names, shapes and metadata: a LoRA made for another
 architecture fails before any tensor is read; every module must map to a key of this model and fit its shape
 (else the step fails naming the module, or with `allow_unmatched` a warning lists every skipped module). Per
 target tensor the producer reads W once and only the LoRA tensors of the modules touching it, computes every
-network from the same original W (§5.4, DoRA with A1111 semantics) in fp32, and casts once.
+network from the same original W (§5.4, DoRA with A1111 semantics) in fp32, and casts once. On Flux and SD3 a
+module may write only some rows of a fused tensor (a diffusers `to_q` on `qkv`), or its ΔW may be split over the
+separate tensors of a diffusers-named model (a kohya `qkv` on `to_q`, `to_k`, `to_v`): `Target` says which rows.
 """
 
 from __future__ import annotations
@@ -313,7 +315,7 @@ def _refs(params: dict) -> list[str]:
 register_op(OpSpec(
     name="lora",
     version=VERSION,
-    doc="Bake LoRA / LyCORIS files into a checkpoint (kohya, LyCORIS and diffusers/PEFT formats)",
+    doc="Bake LoRA / LyCORIS files into a checkpoint (kohya, LyCORIS, diffusers/PEFT and XLabs formats)",
     fields=(
         Field("model", "ref", doc="the checkpoint to bake into"),
         Field("loras", "list", doc="[{lora: NAME, strength: S, te_strength: T}]; strength is a number, block weights or "

@@ -485,3 +485,39 @@ def test_text_encoder_modules_skipped_with_a_warning_on_a_diffusion_only_model(f
         """)
     r = sdbuild("build", rp, "--cache-dir", tmp_path / "cache")
     assert r.code == 0 and "text-encoder LoRA modules" in r.err and "lora_te1_" in r.err
+
+
+def test_flux_lora_files_are_loras_not_models(flux, sdbuild):
+    from mergekit_sd.arch.detect import detect, model_kind
+    from mergekit_sd.formats.open import open_model
+
+    for naming in ("kohya", "diffusers", "xlabs"):
+        specs = open_model(flux / f"{naming}.safetensors").specs
+        assert model_kind(specs) == "lora" and detect(specs).arch == "unknown", naming
+    assert detect(open_model(flux / "flux-bfl.safetensors").specs).arch == "flux"
+
+
+def test_comfyui_and_lycoris_prefixes_name_the_same_layers(flux, tmp_path, sdbuild):
+    """`diffusion_model.` PEFT names (BFL paths) and `lycoris_` kohya names bake like the kohya file."""
+    kohya = {k: v for k, v in load_file(flux / "kohya.safetensors").items() if k.startswith("lora_unet_double_blocks_1_")}
+    save_file(kohya, tmp_path / "k.safetensors")
+    bfl = {m.removeprefix("model.diffusion_model."): m for m in load_file(flux / "flux.safetensors")}
+    paths = {k[len("model.diffusion_model."):-len(".weight")].replace(".", "_"): k[len("model.diffusion_model."):-len(".weight")]
+             for k in bfl.values() if k.startswith("model.diffusion_model.") and k.endswith(".weight")}
+    comfy, lyco = {}, {}
+    for k, v in kohya.items():
+        module, role = k.split(".", 1)
+        path = paths[module[len("lora_unet_"):]]
+        role2 = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}[role]
+        comfy[f"diffusion_model.{path}.{role2}"] = v
+        lyco[f"lycoris_{module[len('lora_unet_'):]}.{role}"] = v
+    save_file(comfy, tmp_path / "c.safetensors")
+    save_file(lyco, tmp_path / "y.safetensors")
+    results = []
+    for name in ("k", "c", "y"):
+        (tmp_path / name).mkdir()
+        results.append(load_file(_bake(tmp_path / name, sdbuild, flux / "flux.safetensors", tmp_path / f"{name}.safetensors")))
+    base = load_file(flux / "flux.safetensors")
+    assert sum(not torch.equal(results[0][k], base[k]) for k in base) == 10
+    for k in base:
+        assert torch.equal(results[0][k], results[1][k]) and torch.equal(results[0][k], results[2][k]), k

@@ -185,7 +185,7 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
                 wshape = slice_shape(model.spec(target.weight).shape, target)
                 bkey = target.bias if target.bias in model else None
                 bshape = slice_shape(model.spec(bkey).shape, target) if bkey else None
-                hint = _context_hint(m, lm.specs, wshape)
+                hint = None if transformer else _context_hint(m, lm.specs, wshape)
                 if hint:
                     raise UserError(f"LoRA {label} was made for another architecture than {model_label} "
                                     f"({ARCH_TITLES[arch]}): module {m.source!r}: {hint}")

@@ -133,6 +133,8 @@ def detect(specs: Mapping[str, TensorSpec], naming: str) -> str | None:
         return "dev" if any(".guidance_embedder." in k for k in specs) else "schnell"
     if not any(".double_blocks." in f".{k}" for k in specs) or not any(".single_blocks." in f".{k}" for k in specs):
         return None
+    if not any(k.endswith(".img_attn.qkv.weight") for k in specs):  # XLabs LoRAs name blocks too, but no such weight
+        return None
     return "dev" if any("guidance_in." in k for k in specs) else "schnell"
 
 

@@ -11,17 +11,20 @@ OpenCLIP ViT-H text encoder (24 blocks, docs/formats.md §1.5).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 from mergekit_sd.arch import registry
-from mergekit_sd.arch.architecture import BARE, COMFYUI, DIFFUSERS
+from mergekit_sd.arch.architecture import BARE
 from mergekit_sd.arch.detect import LORA_ARCHES as ARCHES, TITLES, ArchInfo
+from mergekit_sd.arch.lora_target import Rows, Table, Target, kohya, row_count, row_slice
+from mergekit_sd.arch.lora_transformer_keys import TRANSFORMER_ARCHES, transformer_table
 from mergekit_sd.arch.prefixes import SD1_TE, SD2_TE, SDXL_TE1, SDXL_TE2, UNET
 from mergekit_sd.arch.reference import reference_keys
 
-# transformer architectures with a LoRA name table (their `lora_aliases`), in the order a LoRA is tried against them
-TRANSFORMER_ARCHES = tuple(a.id for a in registry.all_architectures() if a.lora_aliases is not None)
+__all__ = ["ARCHES", "ARCH_TITLES", "FAMILIES", "TRANSFORMER_ARCHES", "Rows", "Table", "Target", "UNET", "arch_matches",
+           "default_modules", "kohya", "ldm_to_diffusers", "model_table", "row_count", "row_slice", "table",
+           "te1_prefix"]
+
 ARCH_TITLES = {**{a: TITLES[a] for a in ARCHES}, **{a: registry.get(a).title for a in TRANSFORMER_ARCHES},
                "unet": "SD1/SD2/SDXL", "mmdit": "SD3/SD3.5"}
 # architecture families a LoRA's names or metadata can name without telling the member
@@ -49,79 +52,6 @@ def te1_prefix(arch: str) -> str:
 RESNET_INNER = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
-
-
-Rows = tuple[int, int, int]  # rows [start·n/of, stop·n/of) of a tensor with n rows, as (start, stop, of)
-
-
-def row_slice(rows: Rows | None, n: int) -> slice:
-    if rows is None:
-        return slice(None)
-    start, stop, of = rows
-    return slice(start * n // of, stop * n // of)
-
-
-def row_count(rows: Rows | None, n: int) -> int:
-    sl = row_slice(rows, n)
-    return len(range(*sl.indices(n)))
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a module lands: `base` + `.weight` / `.bias`, or rows `part` (0 = q, 1 = k, 2 = v) of a fused
-    OpenCLIP `in_proj_weight` / `in_proj_bias`.
-
-    Transformer models add `rows` (the module writes only these rows of the tensor: a diffusers `to_q` on Flux's
-    fused `qkv`), `src` (only these rows of the module's ΔW land here: a kohya `qkv` module on a diffusers model's
-    `to_q`), `swap` (ΔW's two halves land in the other order: diffusers' shift/scale swap) and `comp`."""
-
-    base: str
-    part: int | None = None
-    weight_suffix: str = ".weight"
-    rows: Rows | None = None
-    src: Rows | None = None
-    swap: bool = False
-    comp: str | None = None
-
-    @property
-    def weight(self) -> str:
-        return self.base + self.weight_suffix
-
-    @property
-    def bias(self) -> str:
-        return self.base + (".bias" if self.weight_suffix == ".weight" else "_bias")
-
-    @property
-    def component(self) -> str:
-        if self.comp is not None:
-            return self.comp
-        return "unet" if self.base.startswith(UNET) else "te"
-
-    @property
-    def dst(self) -> Rows | None:
-        """The rows of the tensor this module writes."""
-        return (self.part, self.part + 1, 3) if self.part is not None else self.rows
-
-    @property
-    def whole(self) -> bool:
-        """The module's ΔW is the whole tensor's (no rows, no swap)."""
-        return self.dst is None and self.src is None and not self.swap
-
-    def slice_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of the rows this module writes."""
-        if self.dst is None or not shape:
-            return tuple(shape)
-        return (row_count(self.dst, shape[0]),) + tuple(shape[1:])
-
-    def describe(self) -> str:
-        if self.part is not None:
-            return f"{self.weight} rows of {'qkv'[self.part]}"
-        out = self.weight
-        if self.rows is not None:
-            out += f" rows {self.rows[0]}/{self.rows[2]}..{self.rows[1]}/{self.rows[2]}"
-        if self.src is not None:
-            out += f" (rows {self.src[0]}/{self.src[2]}..{self.src[1]}/{self.src[2]} of the module)"
-        return out
 
 
 def ldm_to_diffusers(path: str) -> str | None:
@@ -171,10 +101,6 @@ def _openclip_to_hf(rest: str) -> tuple[str, int | None] | list[tuple[str, int]]
     return (f"{layer}.{hf}", None) if hf else None
 
 
-def kohya(prefix: str, path: str) -> str:
-    return f"{prefix}_{path.replace('.', '_')}"
-
-
 def _weight_bases(keys) -> list[str]:
     out = []
     for k in keys:
@@ -191,27 +117,6 @@ def _sd2_te_bases() -> list[str]:
         for inner in ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj", "ln_1", "ln_2"):
             bases.append(f"transformer.resblocks.{n}.{inner}")
     return [SD2_TE + b for b in bases]
-
-
-@dataclass(frozen=True)
-class Table:
-    """Module name -> target for one architecture, plus the preferred (kohya-default) name of each target."""
-
-    arch: str
-    modules: dict[str, Target]
-    preferred: dict[Target, str]
-    paths: dict[Target, str]  # diffusers/PEFT dotted path with its component prefix (unet., text_encoder., ...)
-    multi: dict[str, tuple[Target, ...]] = field(default_factory=dict)  # names whose ΔW is split over tensors
-
-    def lookup(self, name: str) -> Target | None:
-        return self.modules.get(name)
-
-    def targets(self, name: str) -> tuple[Target, ...]:
-        """Every place module `name` writes to (several for a fused module on a model that splits it)."""
-        if name in self.multi:
-            return self.multi[name]
-        t = self.modules.get(name)
-        return (t,) if t is not None else ()
 
 
 @lru_cache(maxsize=None)
@@ -273,87 +178,6 @@ def table(arch: str, naming: str | None = None) -> Table:
         add_hf("lora_te1", SDXL_TE1, ref, "text_encoder.")
         add_openclip("lora_te2", SDXL_TE2, [b for b in _weight_bases(ref) if b.startswith(SDXL_TE2)], "text_encoder_2.")
     return Table(arch, modules, preferred, paths)
-
-
-def _intersect(place: Rows | None, piece: Rows | None) -> tuple[Rows | None, Rows | None] | None:
-    """(rows of the piece written, rows of the module's ΔW used), or None when they do not overlap. `place` is where
-    the module writes in the whole tensor, `piece` where a separately stored part of that tensor lies (as fractions)."""
-    a, b, n = place if place is not None else (0, 1, 1)
-    c, d, m = piece if piece is not None else (0, 1, 1)
-    of = n * m
-    a, b, c, d = a * m, b * m, c * n, d * n
-    lo, hi = max(a, c), min(b, d)
-    if lo >= hi:
-        return None
-    dst = None if (lo, hi) == (c, d) else _reduce(lo - c, hi - c, d - c)
-    src = None if (lo, hi) == (a, b) else _reduce(lo - a, hi - a, b - a)
-    return dst, src
-
-
-def _reduce(start: int, stop: int, of: int) -> Rows:
-    from math import gcd
-
-    g = gcd(gcd(start, stop), of)
-    return (start // g, stop // g, of // g)
-
-
-@lru_cache(maxsize=None)
-def transformer_table(arch_id: str, naming: str) -> Table:
-    """Every LoRA module name (kohya, diffusers/PEFT, XLabs) of a Flux/SD3 model in `naming`, with where it lands.
-
-    Names are taken from the architecture's `lora_aliases` in BFL space (the kohya name is the BFL path) and laid onto
-    the tensors of the naming: the BFL tensor itself (ComfyUI/BFL) or the diffusers parts it is split into."""
-    a = registry.get(arch_id)
-    bare = registry.named_reference(arch_id, BARE)
-    prefix = UNET if naming == COMFYUI else ""
-    modules: dict[str, Target] = {}
-    multi: dict[str, tuple[Target, ...]] = {}
-    preferred: dict[Target, str] = {}
-    paths: dict[Target, str] = {}
-
-    def add(name: str, targets: list[Target], prefer: bool = False) -> None:
-        old = multi.get(name) or ((modules[name],) if name in modules else None)
-        if old is not None and tuple(old) != tuple(targets):
-            raise AssertionError(f"LoRA module name {name} is ambiguous: {old} / {targets}")
-        if len(targets) == 1:
-            modules[name] = targets[0]
-            if targets[0].whole and (prefer or targets[0] not in preferred):
-                preferred[targets[0]] = name
-        else:
-            multi[name] = tuple(targets)
-
-    for key, e in sorted(bare.items()):
-        if not key.endswith(".weight") or len(e["shape"]) < 2:
-            continue
-        path = key[: -len(".weight")]
-        if naming == DIFFUSERS:
-            pieces = [(d[: -len(".weight")], None if rows is None else (rows.start, rows.stop, e["shape"][0]), swap)
-                      for d, rows, swap in a.to_diffusers(key, tuple(e["shape"]))]
-        else:
-            pieces = [(prefix + path, None, False)]
-        names = [(kohya("lora_unet", path), None, False, True)]
-        names += [(kohya("lora_unet", alias), rows, swap, False) for alias, rows, swap in a.lora_aliases(path)]
-        for name, place, swap, prefer in names:
-            targets = []
-            for base, piece, pswap in pieces:
-                hit = _intersect(place, piece)
-                if hit is None:
-                    continue
-                dst, src = hit
-                targets.append(Target(base, rows=dst, src=src, swap=swap != pswap, comp="unet"))
-            if targets:
-                add(name, targets, prefer)
-                if naming != DIFFUSERS and place is None and not swap:
-                    paths.setdefault(targets[0], "transformer." + path)
-    # text encoders live only in ComfyUI files; the names are known in every naming, so that a bake can skip them
-    ref = registry.named_reference(arch_id, COMFYUI)
-    for te_prefix, comp in a.lora_text_encoders.items():
-        root = a.components[comp][1] + "transformer."
-        for key, e in sorted(ref.items()):
-            if key.startswith(root) and key.endswith(".weight") and len(e["shape"]) == 2:
-                path = key[len(root): -len(".weight")]
-                add(kohya(te_prefix, path), [Target(root + path, comp="te")], prefer=te_prefix == "lora_te1")
-    return Table(arch_id, modules, preferred, paths, multi)
 
 
 # default kohya LoRA targets (§5.1): Linear/Conv inside transformer blocks, CLIP attention and MLP

@@ -521,3 +521,17 @@ def test_comfyui_and_lycoris_prefixes_name_the_same_layers(flux, tmp_path, sdbui
     assert sum(not torch.equal(results[0][k], base[k]) for k in base) == 10
     for k in base:
         assert torch.equal(results[0][k], results[1][k]) and torch.equal(results[0][k], results[2][k]), k
+
+
+def test_sd_block_weight_strength_on_flux_is_refused_clearly(flux, tmp_path, sdbuild):
+    rp = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs: {{m: {flux / "flux.safetensors"}, l: {flux / "kohya.safetensors"}}}
+        steps:
+          b: {{op: lora, model: m, loras: [{{lora: l, strength: {{default: 1, IN00: 0}}}}]}}
+          c: {{op: merge_loras, loras: [{{lora: l, strength: {{default: 1, IN00: 0}}}}]}}
+        outputs: {{b: baked.safetensors, c: merged.safetensors}}
+        """)
+    r = sdbuild("build", rp, "-q", "--cache-dir", tmp_path / "cache")
+    # SD block names mean nothing on Flux (and, while Flux has no block map, any mapping is refused)
+    assert r.code == 2 and r.err.count("\n") == 1 and "loras[0] strength" in r.err, r

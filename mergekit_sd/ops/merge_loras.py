@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mergekit_sd.arch.blocks import family_of
 from mergekit_sd.arch.lora_keys import (
     ARCH_TITLES,
     ARCHES,
@@ -161,6 +162,10 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
                             "use mode: concat with a full-diff LoRA")
         shapes[t] = ref
 
+    for i, e in enumerate(entries):
+        if arch in TRANSFORMER_ARCHES and not isinstance(e["strength"], (int, float)) and family_of(arch) is None:
+            raise UserError(f"step {ctx.step!r} loras[{i}] strength: block weights are not available for "
+                            f"{ARCH_TITLES[arch]} LoRAs; use a number")
     strengths = [(compile_strength(e["strength"], arch, f"step {ctx.step!r} loras[{i}] strength"),
                   e.get("te_strength")) for i, e in enumerate(entries)]
     for t, parts in groups.items():

@@ -535,3 +535,17 @@ def test_sd_block_weight_strength_on_flux_is_refused_clearly(flux, tmp_path, sdb
     r = sdbuild("build", rp, "-q", "--cache-dir", tmp_path / "cache")
     # SD block names mean nothing on Flux (and, while Flux has no block map, any mapping is refused)
     assert r.code == 2 and r.err.count("\n") == 1 and "loras[0] strength" in r.err, r
+
+
+def test_bake_provenance_names_the_format(flux, tmp_path, sdbuild):
+    import json
+
+    from safetensors import safe_open
+
+    for fmt in ("kohya", "diffusers", "xlabs"):
+        (tmp_path / fmt).mkdir()
+        out = _bake(tmp_path / fmt, sdbuild, flux / "flux.safetensors", flux / f"{fmt}.safetensors")
+        with safe_open(out, "pt") as f:
+            prov = json.loads(f.metadata()["sdbuild.provenance"])
+        step = json.dumps(prov)
+        assert f'"naming": "{fmt}"' in step and '"architecture": "flux"' in step, step[:400]

@@ -70,7 +70,7 @@ class Module:
 @dataclass
 class ParsedLora:
     modules: dict[str, Module]
-    style: str  # kohya | diffusers | mixed
+    style: str  # kohya | diffusers | xlabs | mixed
     skipped: list[str] = field(default_factory=list)  # bundled embeddings and the like (warned, not applied)
 
 
@@ -151,7 +151,7 @@ def parse_lora(specs: Mapping[str, TensorSpec], label: str, te1: str = "lora_te"
         if parts is None:
             raise UserError(f"LoRA {label}: tensor {key!r} is not a LoRA/LyCORIS tensor this tool knows")
         name, source, role = parts
-        styles.add("kohya" if source == key.partition(".")[0] else "diffusers")
+        styles.add("kohya" if source == key.partition(".")[0] else "xlabs" if _XLABS.match(key) else "diffusers")
         if role in REFUSED:
             raise UserError(f"LoRA {label}: module {source!r} is {REFUSED[role]} ({role}), which sdbuild does not bake; "
                             "merge it in a tool that supports it, then extract a LoRA")

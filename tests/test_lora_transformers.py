@@ -67,14 +67,16 @@ def _sd3_diffusers_site(path: str, depth: int) -> tuple[str, tuple[int, int, int
     n, rest = re.match(r"transformer_blocks\.(\d+)\.(.+)$", path).groups()
     qkv = {"attn.to_q": ("x_block.attn.qkv", "q"), "attn.to_k": ("x_block.attn.qkv", "k"),
            "attn.to_v": ("x_block.attn.qkv", "v"), "attn.add_q_proj": ("context_block.attn.qkv", "q"),
-           "attn.add_k_proj": ("context_block.attn.qkv", "k"), "attn.add_v_proj": ("context_block.attn.qkv", "v")}
+           "attn.add_k_proj": ("context_block.attn.qkv", "k"), "attn.add_v_proj": ("context_block.attn.qkv", "v"),
+           "attn2.to_q": ("x_block.attn2.qkv", "q"), "attn2.to_k": ("x_block.attn2.qkv", "k"),
+           "attn2.to_v": ("x_block.attn2.qkv", "v")}
     if rest in qkv:
         mod, part = qkv[rest]
         return f"joint_blocks.{n}.{mod}", QKV[part], False
     plain = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
              "ff_context.net.2": "context_block.mlp.fc2", "norm1.linear": "x_block.adaLN_modulation.1",
-             "norm1_context.linear": "context_block.adaLN_modulation.1"}
+             "norm1_context.linear": "context_block.adaLN_modulation.1", "attn2.to_out.0": "x_block.attn2.proj"}
     return f"joint_blocks.{n}.{plain[rest]}", None, rest == "norm1_context.linear" and int(n) == depth - 1
 
 
@@ -549,3 +551,21 @@ def test_bake_provenance_names_the_format(flux, tmp_path, sdbuild):
             prov = json.loads(f.metadata()["sdbuild.provenance"])
         step = json.dumps(prov)
         assert f'"naming": "{fmt}"' in step and '"architecture": "flux"' in step, step[:400]
+
+
+def test_sd35_medium_second_attention_and_large(tmp_path, sdbuild):
+    """MMDiT-X's attn2 q, k, v land on x_block.attn2.qkv rows; 3.5 large (38 blocks) takes kohya names."""
+    for arch, depth in (("sd35m", 24), ("sd35l", 38)):
+        d = tmp_path / arch
+        d.mkdir()
+        write_synth(d / "m.safetensors", arch, FACTOR, "fp32", 1, diffusion_only=True)
+        write_synth_lora(d / "l.safetensors", arch, "lora", FACTOR, rank=2, seed=4, naming="diffusers", te=False)
+        base, lora = load_file(d / "m.safetensors"), load_file(d / "l.safetensors")
+        if arch == "sd35m":
+            assert "transformer.transformer_blocks.3.attn2.to_k.lora_A.weight" in lora
+        out = load_file(_bake(d, sdbuild, d / "m.safetensors", d / "l.safetensors"))
+        want = expected_bake(base, lora, lambda p: _sd3_diffusers_site(p.removeprefix("transformer."), depth),
+                             "model.diffusion_model.")
+        touched = {_sd3_diffusers_site(p.removeprefix("transformer."), depth)[0] for p in _modules(lora)}
+        assert _assert_baked(out, want, base) == len(touched)
+        assert (arch == "sd35m") == any(".attn2." in t for t in touched)

@@ -155,7 +155,7 @@ def test_a_mistake_in_a_late_step_fails_before_anything_is_built(tmp_path, sdbui
     assert _objects(cache) == [] and not (tmp_path / "xl.safetensors").exists()
 
 
-def test_lora_bake_into_flux_is_refused_clearly(tmp_path, sdbuild):
+def test_sd1_lora_bake_into_flux_is_refused_clearly(tmp_path, sdbuild):
     from mergekit_sd.synth.loras import write_synth_lora
 
     sdbuild("synth", tmp_path / "f.safetensors", "--arch", "flux", "--factor", "64", "-q")
@@ -168,4 +168,4 @@ def test_lora_bake_into_flux_is_refused_clearly(tmp_path, sdbuild):
         outputs: {b: b.safetensors}
         """)
     r = sdbuild("build", rp, "-q")
-    assert r.code == 2 and "flux" in r.err and "SD1, SD2 and SDXL" in r.err
+    assert r.code == 2 and "is for SD1" in r.err and "Flux.1" in r.err and r.err.count("\n") == 1

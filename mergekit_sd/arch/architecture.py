@@ -34,6 +34,12 @@ class Architecture:
     diffusers_block_of: Callable[[str], str | None] | None = None
     groups: Mapping[str, str] = field(default_factory=dict)
     merge_node: str = ""
+    # LoRA name table: diffusion-model path (BFL naming, no `.weight`) -> [(module path another LoRA naming gives it,
+    # its rows of the BFL tensor as (start, stop, of): rows [start·n/of, stop·n/of) of n, None for all, halves swapped)]; the kohya
+    # name (`lora_unet_` + the BFL path) is implied
+    lora_aliases: Callable[[str], list[tuple[str, tuple[int, int, int] | None, bool]]] | None = None
+    # kohya text-encoder prefixes (`lora_te1`, ...) -> component (a key of `components`)
+    lora_text_encoders: Mapping[str, str] = field(default_factory=dict)
 
     def modelspec_id(self, variant: str | None) -> str:
         return self.modelspec.get(variant) or self.modelspec[None]

@@ -211,7 +211,7 @@ def _detect(specs: Mapping[str, TensorSpec]) -> ArchInfo:
 _LORA_RE = re.compile(
     r"(^lora_(unet|te\d?|te_text_model)_)|(\.lora_(up|down|mid|A|B)\.weight$)|(\.(hada|lokr)_w\d)|(\.lokr_t\d)|"
     r"(\.hada_t\d)|(\.oft_(blocks|diag))|(\.dora_scale$)|(\.diff(_b)?$)|(^lycoris_)|(\.lora\.(up|down)\.weight$)|"
-    r"((_lora|\.lora_linear_layer)\.(up|down)\.weight$)|(\.lora_magnitude_vector)"
+    r"((_lora\d?|\.lora_linear_layer)\.(up|down)\.weight$)|(\.lora_magnitude_vector)|(^lora_transformer_)"
 )
 
 

@@ -11,43 +11,47 @@ OpenCLIP ViT-H text encoder (24 blocks, docs/formats.md §1.5).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 
-from mergekit_sd.arch.detect import LORA_ARCHES as ARCHES, TITLES
+from mergekit_sd.arch import registry
+from mergekit_sd.arch.architecture import BARE
+from mergekit_sd.arch.detect import LORA_ARCHES as ARCHES, TITLES, ArchInfo
+from mergekit_sd.arch.lora_target import Rows, Table, Target, kohya, row_count, row_slice
+from mergekit_sd.arch.lora_transformer_keys import TRANSFORMER_ARCHES, transformer_table
 from mergekit_sd.arch.prefixes import SD1_TE, SD2_TE, SDXL_TE1, SDXL_TE2, UNET
 from mergekit_sd.arch.reference import reference_keys
 
-ARCH_TITLES = {a: TITLES[a] for a in ARCHES}
+__all__ = ["ARCHES", "ARCH_TITLES", "FAMILIES", "TRANSFORMER_ARCHES", "Rows", "Table", "Target", "UNET", "arch_matches",
+           "default_modules", "kohya", "ldm_to_diffusers", "model_table", "row_count", "row_slice", "table",
+           "te1_prefix"]
+
+ARCH_TITLES = {**{a: TITLES[a] for a in ARCHES}, **{a: registry.get(a).title for a in TRANSFORMER_ARCHES},
+               "unet": "SD1/SD2/SDXL", "mmdit": "SD3/SD3.5"}
+# architecture families a LoRA's names or metadata can name without telling the member
+FAMILIES = {"unet": ("sd1", "sd2", "sdxl", "sdxl-refiner"), "mmdit": ("sd3", "sd35m", "sd35l")}
+
+
+def arch_matches(declared: str, arch: str) -> bool:
+    """A LoRA declared (or named) for `declared` fits a model of `arch`: the same id, or a member of its family."""
+    return declared == arch or arch in FAMILIES.get(declared, ())
+
+
+def model_table(info: ArchInfo) -> Table | None:
+    """The LoRA module table of a detected model (in its naming), or None when LoRAs cannot be baked into it."""
+    if info.lora_arch is not None:
+        return table(info.lora_arch)
+    if info.arch in TRANSFORMER_ARCHES:
+        return table(info.arch, info.naming or BARE)
+    return None
+
+
+def te1_prefix(arch: str) -> str:
+    """What diffusers' `text_encoder.` becomes in kohya names for this architecture."""
+    return "lora_te" if arch in ("sd1", "sd2") else "lora_te1"
 
 RESNET_INNER = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a module lands: `base` + `.weight` / `.bias`, or rows `part` (0 = q, 1 = k, 2 = v) of a fused
-    OpenCLIP `in_proj_weight` / `in_proj_bias`."""
-
-    base: str
-    part: int | None = None
-    weight_suffix: str = ".weight"
-
-    @property
-    def weight(self) -> str:
-        return self.base + self.weight_suffix
-
-    @property
-    def bias(self) -> str:
-        return self.base + (".bias" if self.part is None else "_bias")
-
-    @property
-    def component(self) -> str:
-        return "unet" if self.base.startswith(UNET) else "te"
-
-    def describe(self) -> str:
-        return self.weight + ("" if self.part is None else f" rows of {'qkv'[self.part]}")
 
 
 def ldm_to_diffusers(path: str) -> str | None:
@@ -97,10 +101,6 @@ def _openclip_to_hf(rest: str) -> tuple[str, int | None] | list[tuple[str, int]]
     return (f"{layer}.{hf}", None) if hf else None
 
 
-def kohya(prefix: str, path: str) -> str:
-    return f"{prefix}_{path.replace('.', '_')}"
-
-
 def _weight_bases(keys) -> list[str]:
     out = []
     for k in keys:
@@ -119,21 +119,11 @@ def _sd2_te_bases() -> list[str]:
     return [SD2_TE + b for b in bases]
 
 
-@dataclass(frozen=True)
-class Table:
-    """Module name -> target for one architecture, plus the preferred (kohya-default) name of each target."""
-
-    arch: str
-    modules: dict[str, Target]
-    preferred: dict[Target, str]
-    paths: dict[Target, str]  # diffusers/PEFT dotted path with its component prefix (unet., text_encoder., ...)
-
-    def lookup(self, name: str) -> Target | None:
-        return self.modules.get(name)
-
-
 @lru_cache(maxsize=None)
-def table(arch: str) -> Table:
+def table(arch: str, naming: str | None = None) -> Table:
+    """The module table of `arch`; transformer architectures also take the model's `naming` (default BFL)."""
+    if arch in TRANSFORMER_ARCHES:
+        return transformer_table(arch, naming or BARE)
     if arch not in ARCHES:
         raise KeyError(f"no LoRA key table for {arch!r}")
     ref = reference_keys("sdxl" if arch == "sdxl" else "sd1")
@@ -196,9 +186,22 @@ _CONV_UNET = re.compile(r"\.(\d+\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip
 _DEFAULT_TE = re.compile(r"_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$")
 
 
-def default_modules(arch: str, conv: bool = False) -> dict[str, Target]:
+_TRANSFORMER_BLOCKS = re.compile(r"(^|\.)(double_blocks|single_blocks|joint_blocks)\.")
+
+
+def default_modules(arch: str, conv: bool = False, naming: str | None = None) -> dict[str, Target]:
     """The module set kohya trains (and extracts) by default, by preferred name; `conv` adds the ResBlock,
-    downsample and upsample layers (LoCon / `conv_dim`)."""
+    downsample and upsample layers (LoCon / `conv_dim`). Flux and SD3: every linear layer of the transformer blocks
+    (kohya's DoubleStreamBlock/SingleStreamBlock and SingleDiTBlock targets) and CLIP attention/MLP."""
+    if arch in TRANSFORMER_ARCHES:
+        tab = table(arch, naming)
+        out = {}
+        for target, name in tab.preferred.items():
+            if target.component == "unet" and _TRANSFORMER_BLOCKS.search(target.base):
+                out[name] = target
+            elif target.component == "te" and name.startswith("lora_te1_") and _DEFAULT_TE.search(name):
+                out[name] = target
+        return dict(sorted(out.items()))
     t = table(arch)
     out: dict[str, Target] = {}
     for target, name in t.preferred.items():

@@ -45,7 +45,8 @@ RESOLUTION: dict[str, str] = {
 }
 
 # kohya `ss_base_model_version` written into LoRAs of an architecture
-KOHYA_BASE_VERSION: dict[str, str] = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+KOHYA_BASE_VERSION: dict[str, str] = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1",
+                                      "sd3": "sd3", "sd35m": "sd3", "sd35l": "sd3"}
 
 
 def modelspec_id(arch: str, variant: str | None = None) -> str | None:
@@ -54,8 +55,9 @@ def modelspec_id(arch: str, variant: str | None = None) -> str | None:
 
 
 def lora_modelspec(arch: str) -> str:
-    """`modelspec.architecture` of a LoRA for `arch`, e.g. `stable-diffusion-v1/lora`."""
-    return f"{modelspec_id(arch) or arch}/lora"
+    """`modelspec.architecture` of a LoRA for `arch`, e.g. `stable-diffusion-v1/lora`, `flux-1-dev/lora`."""
+    a = registry.get(arch)
+    return f"{modelspec_id(arch) or (a.modelspec_id(None) if a is not None else arch)}/lora"
 
 
 def resolution(modelspec: str | None, prediction_type: str | None = None) -> str | None:
@@ -67,4 +69,7 @@ def resolution(modelspec: str | None, prediction_type: str | None = None) -> str
     return next((a.resolution for a in registry.all_architectures() if modelspec in a.modelspec.values()), None)
 
 # `modelspec.implementation` of LoRAs written for an architecture
-IMPLEMENTATION: dict[str, str] = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+IMPLEMENTATION: dict[str, str] = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models",
+                                  "flux": "https://github.com/black-forest-labs/flux",
+                                  "sd3": "https://github.com/Stability-AI/sd3.5", "sd35m": "https://github.com/Stability-AI/sd3.5",
+                                  "sd35l": "https://github.com/Stability-AI/sd3.5"}

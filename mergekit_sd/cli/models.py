@@ -37,7 +37,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--lora", metavar="FORMAT", help="write a LoRA of this format instead of a checkpoint")
     s.add_argument("--rank", type=int, default=4, help="LoRA rank")
     s.add_argument("--naming", choices=("sgm", "diffusers", "comfyui", "bfl", "kohya", "xlabs"), default=None,
-                   help="LoRA module naming (default: kohya's); Flux/SD3 checkpoints: comfyui (default), bfl or diffusers")
+                   help="LoRA module naming (default: kohya's; Flux/SD3 LoRAs: kohya, diffusers or xlabs); "
+                        "Flux/SD3 checkpoints: comfyui (default), bfl or diffusers")
     s.add_argument("--diffusion-only", action="store_true", help="Flux/SD3 in ComfyUI naming: no text encoders or VAE")
     s.add_argument("--variant", choices=("dev", "schnell"), default=None, help="Flux: dev (default) or schnell (no guidance embedder)")
     s.add_argument("--demo", action="store_true", help="write the demo's input models into the folder OUT")

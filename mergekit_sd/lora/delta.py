@@ -181,6 +181,18 @@ def compute_delta(m: Module, read: Callable[[str], Tensor]) -> Tensor | None:
     return d
 
 
+def place(d: Tensor, src: tuple[int, int, int] | None, swap: bool) -> Tensor:
+    """The part of a module's ΔW (rows first) that lands on one tensor: rows `src` (start, stop, of) of it, with its
+    two halves exchanged when `swap` (diffusers stores final modulations as scale, shift; BFL/MMDiT as shift, scale)."""
+    if src is not None:
+        n = d.shape[0]
+        d = d[src[0] * n // src[2]: src[1] * n // src[2]]
+    if swap:
+        half = d.shape[0] // 2
+        d = torch.cat([d[half:], d[:half]])
+    return d
+
+
 def bias_role(m: Module) -> str | None:
     if m.algo == "full" and "diff_b" in m.keys:
         return "diff_b"

@@ -4,8 +4,9 @@ Formats are told apart per module by the tensor suffixes it carries (docs/format
 (`lora_down`/`lora_up`, Tucker `lora_mid`), LoHa (`hada_*`), LoKr (`lokr_*`), full (`diff`, `diff_b`), norm
 (`w_norm`, `b_norm`), IA3 (`weight`, `on_input`), DoRA on top of any of these (`dora_scale`, PEFT
 `lora_magnitude_vector`), and diffusers/PEFT names (`lora_A`/`lora_B` under `unet.`, `text_encoder.`,
-`text_encoder_2.`, `base_model.model.`, and the older attention-processor layout). Parsing reads only names and
-shapes, never tensor values.
+`text_encoder_2.`, `text_encoder_3.`, `transformer.`, `base_model.model.`, and the older attention-processor layout),
+and XLabs Flux LoRAs (`double_blocks.N.processor.qkv_lora1.down.weight`). Parsing reads only names and shapes,
+never tensor values.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from mergekit_sd.arch import registry
 from mergekit_sd.arch.detect import model_kind
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import TensorSpec
@@ -68,11 +70,14 @@ class Module:
 @dataclass
 class ParsedLora:
     modules: dict[str, Module]
-    style: str  # kohya | diffusers | mixed
+    style: str  # kohya | diffusers | xlabs | mixed
     skipped: list[str] = field(default_factory=list)  # bundled embeddings and the like (warned, not applied)
 
 
-_KOHYA = re.compile(r"^(lora_unet|lora_te[12]?|lycoris)_[^.]+$")
+_KOHYA = re.compile(r"^(lora_unet|lora_te[123]?|lora_transformer|lycoris)_[^.]+$")
+# XLabs (x-flux) LoRA processors of Flux blocks; ComfyUI-saved copies carry `diffusion_model.` in front
+_XLABS = re.compile(r"^(?:diffusion_model\.)?((?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?)"
+                    r"\.(down|up)\.weight$")
 _PEFT = [
     (re.compile(r"^(.+)\.lora_A(?:\.[A-Za-z0-9_]+)?\.weight$"), "lora_down.weight"),
     (re.compile(r"^(.+)\.lora_B(?:\.[A-Za-z0-9_]+)?\.weight$"), "lora_up.weight"),
@@ -87,8 +92,9 @@ _HF_ATTN = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out
 
 def _diffusers_name(path: str, te1: str) -> str:
     """`unet.down_blocks.0...` -> `lora_unet_down_blocks_0...` (dots become underscores, as kohya names do)."""
-    for prefix, repl in (("unet.", "lora_unet"), ("text_encoder_2.", "lora_te2"), ("text_encoder.", te1),
-                         ("base_model.model.", None), ("transformer.", None)):
+    for prefix, repl in (("unet.", "lora_unet"), ("text_encoder_2.", "lora_te2"), ("text_encoder_3.", "lora_te3"),
+                         ("text_encoder.", te1), ("base_model.model.", None), ("transformer.", None),
+                         ("diffusion_model.", "lora_unet")):
         if path.startswith(prefix):
             rest = path[len(prefix):]
             if repl is None:
@@ -103,8 +109,15 @@ def split_key(key: str, te1: str) -> tuple[str, str, str] | None:
     """Tensor name -> (canonical module name, module name in the file, role), or None when not a LoRA tensor."""
     head, dot, suffix = key.partition(".")
     if dot and _KOHYA.match(head):
-        name = "lora_unet" + head[len("lycoris"):] if head.startswith("lycoris_") else head
+        name = head
+        for alias in ("lycoris_", "lora_transformer_"):
+            if head.startswith(alias):
+                name = "lora_unet_" + head[len(alias):]
         return name, head, suffix
+    m = _XLABS.match(key)
+    if m:
+        path, part = m.groups()
+        return _diffusers_name(path, te1), path, "lora_down.weight" if part == "down" else "lora_up.weight"
     m = _PROCESSOR.match(key)
     if m:
         path, proj, part = m.groups()
@@ -138,7 +151,7 @@ def parse_lora(specs: Mapping[str, TensorSpec], label: str, te1: str = "lora_te"
         if parts is None:
             raise UserError(f"LoRA {label}: tensor {key!r} is not a LoRA/LyCORIS tensor this tool knows")
         name, source, role = parts
-        styles.add("kohya" if source == key.partition(".")[0] else "diffusers")
+        styles.add("kohya" if source == key.partition(".")[0] else "xlabs" if _XLABS.match(key) else "diffusers")
         if role in REFUSED:
             raise UserError(f"LoRA {label}: module {source!r} is {REFUSED[role]} ({role}), which sdbuild does not bake; "
                             "merge it in a tool that supports it, then extract a LoRA")
@@ -183,18 +196,20 @@ def parse_lora(specs: Mapping[str, TensorSpec], label: str, te1: str = "lora_te"
 # --- architecture a LoRA was made for --------------------------------------------------------------------------
 
 def declared_arch(metadata: Mapping[str, str]) -> tuple[str | None, str]:
-    """(sd1 | sd2 | sdxl | other family | None, why) from kohya `ss_*` and ModelSpec metadata (docs/formats.md §4.6)."""
+    """(sd1 | sd2 | sdxl | flux | sd3 | sd35m | sd35l | mmdit (any SD3/3.5) | other | None, why) from kohya `ss_*`
+    and ModelSpec metadata (docs/formats.md §4.6)."""
     base = (metadata.get("ss_base_model_version") or "").strip()
     if base:
         low = base.lower()
-        for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+        for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("flux", "flux"), ("sd3", "mmdit")):
             if low.startswith(prefix):
                 return arch, f"ss_base_model_version={base}"
         return low, f"ss_base_model_version={base}"
     spec = (metadata.get("modelspec.architecture") or "").strip()
     if spec:
         low = spec.lower()
-        for prefix, arch in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
+        for prefix, arch in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"),
+                             *_registered_modelspecs()):
             if low.startswith(prefix):
                 return arch, f"modelspec.architecture={spec}"
         return low.split("/")[0], f"modelspec.architecture={spec}"
@@ -203,9 +218,29 @@ def declared_arch(metadata: Mapping[str, str]) -> tuple[str | None, str]:
     return None, ""
 
 
+def _registered_modelspecs() -> list[tuple[str, str]]:
+    """(ModelSpec id, architecture) of Flux and SD3/3.5, longest id first (`...-v3.5-medium` before `...-v3`)."""
+    pairs = {(ms, a.id) for a in registry.all_architectures() for ms in a.modelspec.values()}
+    pairs.add(("flux-1", "flux"))
+    return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+_UNET_NAMES = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|down_blocks|mid_block|up_blocks)_")
+_FLUX_NAMES = re.compile(r"^lora_unet_(double_blocks|single_blocks|single_transformer_blocks)_")
+_MMDIT_NAMES = re.compile(r"^lora_unet_joint_blocks_")
+
+
 def name_arch(modules: Mapping[str, Module]) -> tuple[str | None, str]:
-    """What module names alone reveal: a second text encoder means SDXL."""
+    """What module names alone reveal: Flux and MMDiT block names, UNet block names (an SD1/SD2/SDXL LoRA), and a
+    second text encoder beside a UNet (SDXL)."""
+    for rx, arch, what in ((_FLUX_NAMES, "flux", "Flux"), (_MMDIT_NAMES, "mmdit", "SD3/SD3.5")):
+        for n, m in modules.items():
+            if rx.match(n):
+                return arch, f"module {m.source!r} names a {what} block"
     for n, m in modules.items():
         if n.startswith(("lora_te1_", "lora_te2_")):
             return "sdxl", f"module {m.source!r} belongs to SDXL's text encoders"
+    for n, m in modules.items():
+        if _UNET_NAMES.match(n):
+            return "unet", f"module {m.source!r} names a UNet block"
     return None, ""

@@ -1,7 +1,8 @@
 """`op: extract_lora` — a kohya-format LoRA of `tuned − base` (docs/formats.md §5.7).
 
 The module set is kohya's default (transformer Linear/1x1 layers and CLIP attention/MLP; with `conv_rank` also
-the ResBlock, downsample and upsample layers). Per module: ΔW = tuned − base in fp64, SVD on the CPU, up = U·S
+the ResBlock, downsample and upsample layers; Flux and SD3/3.5: every linear layer of the transformer blocks, named
+by kohya as `lora_unet_double_blocks_0_img_attn_qkv`, and CLIP-L as `lora_te1_`). Per module: ΔW = tuned − base in fp64, SVD on the CPU, up = U·S
 and down = Vh truncated to min(rank, out, in·kh·kw), optional kohya quantile clamp, alpha = that rank (scale 1).
 Baking the result into `base` at strength 1 approximates `tuned`, exactly at full rank.
 """
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 
 from mergekit_sd.arch.detect import detect
-from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, default_modules
+from mergekit_sd.arch.architecture import DIFFUSERS
+from mergekit_sd.arch.lora_keys import ARCH_TITLES, TRANSFORMER_ARCHES, Target, default_modules, model_table
 from mergekit_sd.arch.modelspec import IMPLEMENTATION, KOHYA_BASE_VERSION, lora_modelspec, modelspec_id
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, ModelInfo, TensorSpec
@@ -77,18 +79,27 @@ def build_extract(inputs: list[LazyModel], params: dict, ctx: OpContext) -> Lazy
         raise UserError(f"step {ctx.step!r}: extract_lora takes models: [base, tuned], got {len(inputs)} models")
     base, tuned = inputs
     labels = ctx.input_labels or [base.label, tuned.label]
-    arch = detect(base.specs, partial=True).lora_arch
-    other = detect(tuned.specs, partial=True).lora_arch
+    info, other_info = detect(base.specs, partial=True), detect(tuned.specs, partial=True)
+    tab, other_tab = model_table(info), model_table(other_info)
+    arch, other = (tab.arch if tab else None), (other_tab.arch if other_tab else None)
     if arch is None:
-        raise UserError(f"step {ctx.step!r}: cannot tell the architecture of {labels[0]} (SD1, SD2 or SDXL expected)")
+        raise UserError(f"step {ctx.step!r}: cannot tell the architecture of {labels[0]} "
+                        "(SD1, SD2, SDXL, Flux.1 or SD3/3.5 expected)")
     if other != arch:
         raise UserError(f"step {ctx.step!r}: {labels[0]} is {ARCH_TITLES[arch]} but {labels[1]} is "
                         f"{ARCH_TITLES.get(other or '', 'of unknown architecture')}; extract from two models of one architecture")
+    naming = info.naming if arch in TRANSFORMER_ARCHES else None
+    if naming is not None and other_info.naming != naming:
+        raise UserError(f"step {ctx.step!r}: {labels[0]} is in {naming} naming but {labels[1]} in {other_info.naming}; "
+                        "extract from two models of one naming")
+    if naming == DIFFUSERS:
+        raise UserError(f"step {ctx.step!r}: {labels[0]} is in diffusers naming; extract_lora writes kohya names of the "
+                        "BFL/MMDiT layers, so extract from the models in ComfyUI or BFL naming")
     rank, conv_rank = params["rank"], params.get("conv_rank")
     clamp = params.get("clamp_quantile")
     min_diff = params.get("min_diff")
     modules: dict[str, Target] = {}
-    for name, t in default_modules(arch, conv=conv_rank is not None).items():
+    for name, t in default_modules(arch, conv=conv_rank is not None, naming=naming).items():
         if t.weight not in base or t.weight not in tuned:
             continue
         if base.spec(t.weight).shape != tuned.spec(t.weight).shape:
@@ -157,11 +168,11 @@ def build_extract(inputs: list[LazyModel], params: dict, ctx: OpContext) -> Lazy
         check_finite(out, key, ctx.step)
         return out.to(spec.dtype).contiguous()
 
-    info = ModelInfo(architecture=modelspec_id(arch), provenance={
+    model_info = ModelInfo(architecture=modelspec_id(arch) or info.modelspec, provenance={
         "architecture": arch, "rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp, "min_diff": min_diff,
         "modules": len(modules), "text_encoder": te_note, "factoring": "fp64 SVD on the CPU, up = U*S, down = Vh, alpha = rank"})
     meta = lora_metadata(arch, ctx.step, rank, conv_rank)
-    return LazyModel(specs, produce, meta, label=ctx.step, info=info)
+    return LazyModel(specs, produce, meta, label=ctx.step, info=model_info)
 
 
 register_op(OpSpec(

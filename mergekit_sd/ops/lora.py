@@ -1,10 +1,12 @@
-"""`op: lora` — bake LoRA / LyCORIS files into a checkpoint (docs/formats.md §5).
+"""`op: lora` — bake LoRA / LyCORIS files into a checkpoint (docs/formats.md §5; Flux and SD3/3.5: docs/keys.md).
 
 Everything that can go wrong is decided in `build` from names, shapes and metadata: a LoRA made for another
 architecture fails before any tensor is read; every module must map to a key of this model and fit its shape
 (else the step fails naming the module, or with `allow_unmatched` a warning lists every skipped module). Per
 target tensor the producer reads W once and only the LoRA tensors of the modules touching it, computes every
-network from the same original W (§5.4, DoRA with A1111 semantics) in fp32, and casts once.
+network from the same original W (§5.4, DoRA with A1111 semantics) in fp32, and casts once. On Flux and SD3 a
+module may write only some rows of a fused tensor (a diffusers `to_q` on `qkv`), or its ΔW may be split over the
+separate tensors of a diffusers-named model (a kohya `qkv` on `to_q`, `to_k`, `to_v`): `Target` says which rows.
 """
 
 from __future__ import annotations
@@ -15,8 +17,19 @@ from typing import Any, Callable
 
 import torch
 
+from mergekit_sd.arch.blocks import family_of
 from mergekit_sd.arch.detect import detect
-from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, table
+from mergekit_sd.arch.lora_keys import (
+    ARCH_TITLES,
+    FAMILIES,
+    TRANSFORMER_ARCHES,
+    Target,
+    arch_matches,
+    model_table,
+    row_count,
+    row_slice,
+    te1_prefix,
+)
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, TensorSpec
 from mergekit_sd.lora.delta import (
@@ -28,6 +41,7 @@ from mergekit_sd.lora.delta import (
     fits,
     ia3_delta,
     module_scale,
+    place,
 )
 from mergekit_sd.lora.formats import ALGO_TITLES, Module, declared_arch, name_arch, parse_lora
 from mergekit_sd.lora.strength import compile_strength, entries_schema, validate_lora_entries
@@ -64,23 +78,26 @@ def check_declared_arch(parsed, metadata: dict, arch: str, label: str, model_lab
     decl, why = declared_arch(metadata)
     if decl is None:
         decl, why = name_arch(parsed.modules)
-    if decl is not None and decl != arch:
+    if decl is not None and not arch_matches(decl, arch):
         raise UserError(f"LoRA {label} is for {ARCH_TITLES.get(decl, decl)} ({why}) but {model_label} is "
                         f"{ARCH_TITLES[arch]}; use a LoRA made for this architecture")
     return decl
 
 
 def slice_shape(shape: tuple[int, ...], target: Target) -> tuple[int, ...]:
-    if target.part is None:
-        return shape
-    return (shape[0] // 3,) + tuple(shape[1:])
+    """The shape of the rows of a tensor that `target` writes."""
+    return target.slice_shape(tuple(shape))
 
 
 def rows(target: Target, n: int) -> slice:
-    if target.part is None:
-        return slice(None)
-    d = n // 3
-    return slice(target.part * d, (target.part + 1) * d)
+    return row_slice(target.dst, n)
+
+
+def _placed_shape(dshape: tuple[int, ...], target: Target) -> tuple[int, ...]:
+    """ΔW's shape once only the rows landing on `target` are kept."""
+    if target.src is None or not dshape:
+        return dshape
+    return (row_count(target.src, dshape[0]),) + tuple(dshape[1:])
 
 
 def _misfit(m: Module, lspecs, wshape: tuple[int, ...], bshape: tuple[int, ...] | None, target: Target) -> str | None:
@@ -92,9 +109,11 @@ def _misfit(m: Module, lspecs, wshape: tuple[int, ...], bshape: tuple[int, ...] 
         if n not in (wshape[0], wshape[1] if len(wshape) > 1 else -1):
             return f"IA3 vector of {n} values for weight {list(wshape)}"
         return None
+    if (target.src is not None or target.swap) and "dora_scale" in m.keys:
+        return "DoRA on a layer split across tensors (its magnitude is the whole layer's)"
     dshape = delta_shape(m, lspecs)
-    if dshape is not None and not fits(dshape, wshape):
-        return f"ΔW {list(dshape)} for weight {list(wshape)}"
+    if dshape is not None and not fits(_placed_shape(tuple(dshape), target), wshape):
+        return f"ΔW {list(_placed_shape(tuple(dshape), target))} for weight {list(wshape)}"
     if dshape is not None and "bias" in m.keys:
         n = lspecs[m.keys["bias"]].numel
         if n != TensorSpec(torch.float32, dshape).numel:
@@ -103,7 +122,8 @@ def _misfit(m: Module, lspecs, wshape: tuple[int, ...], bshape: tuple[int, ...] 
     if br is not None:
         if bshape is None:
             return f"{br} for a layer without bias"
-        if lspecs[m.keys[br]].numel != TensorSpec(torch.float32, bshape).numel:
+        n = lspecs[m.keys[br]].numel
+        if (row_count(target.src, n) if target.src is not None else n) != TensorSpec(torch.float32, bshape).numel:
             return f"{br} {list(lspecs[m.keys[br]].shape)} for bias {list(bshape)}"
     return None
 
@@ -126,12 +146,14 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
     entries = params["loras"]
     model_label = ctx.input_labels[0] if ctx.input_labels else (model.label or "the model")
     found = detect(model.specs, partial=True)
-    arch = found.lora_arch
-    if arch is None:
+    tab = model_table(found)
+    if tab is None:
         what = f"is {found.describe()}" if found.known else "has an architecture sdbuild cannot tell"
-        raise UserError(f"step {ctx.step!r}: {model_label} {what}; LoRAs bake into SD1, SD2 and SDXL base models")
-    tab = table(arch)
-    te1 = "lora_te1" if arch == "sdxl" else "lora_te"
+        raise UserError(f"step {ctx.step!r}: {model_label} {what}; LoRAs bake into SD1, SD2, SDXL, Flux.1 and SD3/3.5 "
+                        "base models")
+    arch = tab.arch
+    transformer = arch in TRANSFORMER_ARCHES
+    te1 = te1_prefix(arch)
     labels = [lora_label(ctx, i, e, lm) for i, (e, lm) in enumerate(zip(entries, lora_models))]
 
     # 1. every LoRA's declared architecture, from metadata and names only
@@ -146,42 +168,57 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
     by_key: dict[str, list[Contribution]] = {}
     by_bias: dict[str, list[Contribution]] = {}
     skipped: list[str] = []
+    no_te: list[str] = []  # text-encoder modules of a transformer LoRA for an encoder the file does not hold
     for i, (p, lm, label) in enumerate(zip(parsed, lora_models, labels)):
-        seen: dict[tuple[str, int | None], str] = {}
+        seen: dict[tuple[str, Any], str] = {}
         for name, m in sorted(p.modules.items()):
-            target = tab.lookup(name)
-            if target is None or target.weight not in model:
-                why = "maps to no key of" if target is None else f"maps to {target.weight}, which is missing from"
+            targets = tab.targets(name)
+            missing = [t for t in targets if t.weight not in model]
+            if transformer and targets and missing and all(t.component == "te" for t in targets):
+                no_te.append(m.source)
+                continue
+            if not targets or missing:
+                why = "maps to no key of" if not targets else f"maps to {missing[0].weight}, which is missing from"
                 skipped.append(f"{label}: module {m.source!r} {why} {model_label}")
                 continue
-            wshape = slice_shape(model.spec(target.weight).shape, target)
-            bkey = target.bias if target.bias in model else None
-            bshape = slice_shape(model.spec(bkey).shape, target) if bkey else None
-            hint = _context_hint(m, lm.specs, wshape)
-            if hint:
-                raise UserError(f"LoRA {label} was made for another architecture than {model_label} "
-                                f"({ARCH_TITLES[arch]}): module {m.source!r}: {hint}")
-            why = _misfit(m, lm.specs, wshape, bshape, target)
-            if why:
-                skipped.append(f"{label}: module {m.source!r} does not fit {target.describe()}: {why}")
+            misfits = []
+            for target in targets:
+                wshape = slice_shape(model.spec(target.weight).shape, target)
+                bkey = target.bias if target.bias in model else None
+                bshape = slice_shape(model.spec(bkey).shape, target) if bkey else None
+                hint = None if transformer else _context_hint(m, lm.specs, wshape)
+                if hint:
+                    raise UserError(f"LoRA {label} was made for another architecture than {model_label} "
+                                    f"({ARCH_TITLES[arch]}): module {m.source!r}: {hint}")
+                why = _misfit(m, lm.specs, wshape, bshape, target)
+                if why:
+                    misfits.append(f"{label}: module {m.source!r} does not fit {target.describe()}: {why}")
+            if misfits:
+                skipped.append(misfits[0])
                 continue
-            ident = (target.weight, target.part)
-            if ident in seen:
-                raise UserError(f"LoRA {label}: modules {seen[ident]!r} and {m.source!r} both adapt {target.describe()}")
-            seen[ident] = m.source
-            dora = None
-            if "dora_scale" in m.keys:
-                ds = lm.specs[m.keys["dora_scale"]].shape
-                dora = dora_convention(ds, wshape[0], wshape[1] if len(wshape) > 1 else 1)
-                if dora is None:
-                    raise UserError(f"LoRA {label}: DoRA module {m.source!r} has a magnitude of shape {list(ds)} for weight "
-                                    f"{list(wshape)}; cannot tell per-input from per-output, refusing to guess")
-            c = Contribution(i, m, target, lm.get, dora=dora)
-            if m.algo != "full" or "diff" in m.keys:
-                if m.algo != "norm" or "w_norm" in m.keys:
-                    by_key.setdefault(target.weight, []).append(c)
-            if bias_role(m) is not None and bkey:
-                by_bias.setdefault(bkey, []).append(c)
+            for target in targets:
+                wshape = slice_shape(model.spec(target.weight).shape, target)
+                bkey = target.bias if target.bias in model else None
+                ident = (target.weight, target.dst)
+                if ident in seen:
+                    raise UserError(f"LoRA {label}: modules {seen[ident]!r} and {m.source!r} both adapt {target.describe()}")
+                seen[ident] = m.source
+                dora = None
+                if "dora_scale" in m.keys:
+                    ds = lm.specs[m.keys["dora_scale"]].shape
+                    dora = dora_convention(ds, wshape[0], wshape[1] if len(wshape) > 1 else 1)
+                    if dora is None:
+                        raise UserError(f"LoRA {label}: DoRA module {m.source!r} has a magnitude of shape {list(ds)} for "
+                                        f"weight {list(wshape)}; cannot tell per-input from per-output, refusing to guess")
+                c = Contribution(i, m, target, lm.get, dora=dora)
+                if m.algo != "full" or "diff" in m.keys:
+                    if m.algo != "norm" or "w_norm" in m.keys:
+                        by_key.setdefault(target.weight, []).append(c)
+                if bias_role(m) is not None and bkey:
+                    by_bias.setdefault(bkey, []).append(c)
+    if no_te:
+        ctx.warn(f"skipped {len(no_te)} text-encoder LoRA modules: {model_label} holds no such text encoder "
+                 f"(first: {no_te[0]!r})")
     if skipped:
         if not params.get("allow_unmatched"):
             first = skipped[0]
@@ -192,6 +229,9 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
     # 3. small per-module scalars (alpha, scale, on_input) and multipliers
     strengths = []
     for i, e in enumerate(entries):
+        if transformer and not isinstance(e["strength"], (int, float)) and family_of(arch) is None:
+            raise UserError(f"step {ctx.step!r} loras[{i}] strength: block weights are not available for "
+                            f"{ARCH_TITLES[arch]} LoRAs; use a number")
         fn = compile_strength(e["strength"], arch, f"step {ctx.step!r} loras[{i}] strength")
         te = e.get("te_strength")
         strengths.append((fn, te))
@@ -226,14 +266,14 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
             w0 = w[sl]
             if is_bias:
                 d = c.read(c.module.keys[bias_role(c.module)]).to(device=device, dtype=torch.float32)
-                out[sl] += c.mu * d.reshape(w0.shape)
+                out[sl] += c.mu * place(d.reshape(-1), c.target.src, c.target.swap).reshape(w0.shape)
                 continue
             if c.module.algo == "ia3":
                 vec = c.read(c.module.keys["weight"]).to(device=device, dtype=torch.float32)
                 out[sl] += c.mu * ia3_delta(w0, vec.reshape(-1), c.on_input)
                 continue
             d = compute_delta(c.module, lambda k, r=c.read: r(k).to(device))
-            d = d.reshape(w0.shape) * c.scale
+            d = place(d, c.target.src, c.target.swap).reshape(w0.shape) * c.scale
             if c.dora is not None:
                 mag = c.read(c.module.keys["dora_scale"]).to(device=device, dtype=torch.float32)
                 out[sl] += c.mu * (dora_weight(w0, d, mag, c.dora) - w0)
@@ -257,7 +297,7 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
         title = lm.metadata.get("ss_output_name") or lm.metadata.get("modelspec.title")
         if title:
             r["title"] = title
-        if declared[i]:
+        if declared[i] and declared[i] not in FAMILIES:
             r["declared_architecture"] = declared[i]
         if p.skipped:
             r["ignored_tensors"] = len(p.skipped)
@@ -267,6 +307,8 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
                             "application": "W + sum of strength*scale*dW, every network from the original W; DoRA as A1111"}
     if skipped:
         prov["skipped_modules"] = skipped
+    if no_te:
+        prov["skipped_text_encoder_modules"] = len(no_te)
     return LazyModel(specs, produce, model.metadata, label=ctx.step, info=model.info.derive(provenance=prov))
 
 
@@ -277,7 +319,7 @@ def _refs(params: dict) -> list[str]:
 register_op(OpSpec(
     name="lora",
     version=VERSION,
-    doc="Bake LoRA / LyCORIS files into a checkpoint (kohya, LyCORIS and diffusers/PEFT formats)",
+    doc="Bake LoRA / LyCORIS files into a checkpoint (kohya, LyCORIS, diffusers/PEFT and XLabs formats)",
     fields=(
         Field("model", "ref", doc="the checkpoint to bake into"),
         Field("loras", "list", doc="[{lora: NAME, strength: S, te_strength: T}]; strength is a number, block weights or "

@@ -16,7 +16,18 @@ from typing import Any
 
 import torch
 
-from mergekit_sd.arch.lora_keys import ARCH_TITLES, Target, table
+from mergekit_sd.arch.blocks import family_of
+from mergekit_sd.arch.lora_keys import (
+    ARCH_TITLES,
+    ARCHES,
+    FAMILIES,
+    TRANSFORMER_ARCHES,
+    Rows,
+    Target,
+    arch_matches,
+    row_slice,
+    table,
+)
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel, ModelInfo, TensorSpec
 from mergekit_sd.lora.delta import bias_role, compute_delta, delta_shape, fits, module_scale
@@ -36,9 +47,34 @@ VERSION = 1
 class Part:
     lora: int
     module: Module
-    shape: tuple[int, ...] | None  # ΔW shape as the module produces it (None: bias-only)
+    shape: tuple[int, ...] | None  # ΔW shape of the whole layer (None: bias-only)
     mu: float = 1.0
     scale: float = 1.0
+    rows: Rows | None = None  # the module writes only these rows of the layer (diffusers q/k/v of a fused qkv)
+    swap: bool = False  # ... with its two halves exchanged (diffusers' shift/scale order)
+
+
+def _lift(d: torch.Tensor, q: Part, whole: tuple[int, ...]) -> torch.Tensor:
+    """A module's ΔW (or bias, or up factor) laid onto zeros of the whole layer's rows: exact for fused layers."""
+    if q.rows is None and not q.swap:
+        return d.reshape(whole)
+    out = torch.zeros(whole, dtype=d.dtype)
+    sl = row_slice(q.rows, whole[0])
+    part = d.reshape(out[sl].shape)
+    if q.swap:
+        half = part.shape[0] // 2
+        part = torch.cat([part[half:], part[:half]])
+    out[sl] = part
+    return out
+
+
+def _whole_shape(shape: tuple[int, ...] | None, rows: Rows | None) -> tuple[int, ...] | None:
+    if shape is None or rows is None:
+        return shape
+    start, stop, of = rows
+    if shape[0] * of % (stop - start):
+        return None
+    return (shape[0] * of // (stop - start),) + tuple(shape[1:])
 
 
 def _arch_of(parsed, models, labels) -> str:
@@ -50,20 +86,27 @@ def _arch_of(parsed, models, labels) -> str:
             a, why = name_arch(p.modules)
         if a is not None:
             found.append((a, f"{label} ({why})"))
-    if found:
-        arch = found[0][0]
-        for a, who in found[1:]:
-            if a != arch:
-                raise UserError(f"LoRAs for different architectures: {found[0][1]} is {ARCH_TITLES.get(arch, arch)}, "
-                                f"{who} is {ARCH_TITLES.get(a, a)}")
-        if arch not in ARCH_TITLES:
-            raise UserError(f"{found[0][1]} is for {arch}, which sdbuild does not handle (SD1, SD2, SDXL)")
-        return arch
-    for arch in ("sd1", "sd2", "sdxl"):
+    for a, who in found:
+        if a not in ARCH_TITLES:
+            raise UserError(f"{who} is for {a}, which sdbuild does not handle (SD1, SD2, SDXL, Flux.1, SD3/3.5)")
+    for (a, who_a), (b, who_b) in zip(found, found[1:]):
+        if not (arch_matches(a, b) or arch_matches(b, a) or (a in FAMILIES and b in FAMILIES and
+                                                              set(FAMILIES[a]) & set(FAMILIES[b]))):
+            raise UserError(f"LoRAs for different architectures: {who_a} is {ARCH_TITLES.get(a, a)}, "
+                            f"{who_b} is {ARCH_TITLES.get(b, b)}")
+    candidates = [c for c in (*ARCHES, *TRANSFORMER_ARCHES) if all(arch_matches(a, c) for a, _ in found)]
+    exact = [a for a, _ in found if a not in FAMILIES]
+    if exact:
+        return exact[0]
+    for arch in candidates:
         tab = table(arch)
         if all(tab.lookup(n) is not None for p in parsed for n in p.modules):
             return arch
-    return "sd1"
+    return candidates[0] if candidates else "sd1"
+
+
+def _overlap(a: Rows, b: Rows) -> bool:
+    return a[0] * b[2] < b[1] * a[2] and b[0] * a[2] < a[1] * b[2]
 
 
 def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyModel:
@@ -92,10 +135,16 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
                 what = "DoRA" if "dora_scale" in mod.keys else "IA3"
                 raise UserError(f"LoRA {label}: module {mod.source!r} is {what}, whose effect depends on the model's weights; "
                                 "bake it into a checkpoint instead (then extract_lora if a LoRA is needed)")
-            parts = groups.setdefault(t, [])
-            if any(q.lora == i for q in parts):
+            whole = Target(t.base, t.part, t.weight_suffix, comp=t.comp) if t.rows is not None or t.swap else t
+            parts = groups.setdefault(whole, [])
+            if any(q.lora == i and (q.rows is None or t.rows is None or _overlap(q.rows, t.rows)) for q in parts):
                 raise UserError(f"LoRA {label}: two modules adapt {t.describe()}")
-            parts.append(Part(i, mod, delta_shape(mod, m.specs)))
+            shape = delta_shape(mod, m.specs)
+            lifted = _whole_shape(shape, t.rows)
+            if shape is not None and lifted is None:
+                raise UserError(f"LoRA {label}: module {mod.source!r} has ΔW {list(shape)}, which is not its share "
+                                f"of {t.describe()}")
+            parts.append(Part(i, mod, lifted, rows=t.rows, swap=t.swap))
 
     # one reference shape per layer; every input must fit it
     shapes: dict[Target, tuple[int, ...]] = {}
@@ -113,6 +162,10 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
                             "use mode: concat with a full-diff LoRA")
         shapes[t] = ref
 
+    for i, e in enumerate(entries):
+        if arch in TRANSFORMER_ARCHES and not isinstance(e["strength"], (int, float)) and family_of(arch) is None:
+            raise UserError(f"step {ctx.step!r} loras[{i}] strength: block weights are not available for "
+                            f"{ARCH_TITLES[arch]} LoRAs; use a number")
     strengths = [(compile_strength(e["strength"], arch, f"step {ctx.step!r} loras[{i}] strength"),
                   e.get("te_strength")) for i, e in enumerate(entries)]
     for t, parts in groups.items():
@@ -164,7 +217,7 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
         for q in parts:
             d = compute_delta(q.module, inputs[q.lora].get)
             if d is not None:
-                acc += (q.mu * q.scale) * d.to(torch.float64).reshape(ref)
+                acc += (q.mu * q.scale) * _lift(d.to(torch.float64), q, ref)
         return acc
 
     def bias_sum(t: Target, shape) -> torch.Tensor:
@@ -172,7 +225,7 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
         for q in groups[t]:
             br = bias_role(q.module)
             if br:
-                acc += q.mu * inputs[q.lora].get(q.module.keys[br]).to(torch.float64).reshape(shape)
+                acc += q.mu * _lift(inputs[q.lora].get(q.module.keys[br]).to(torch.float64), q, tuple(shape))
         return acc
 
     lock = threading.Lock()  # tensors are produced on several threads; the roles of one target share a result
@@ -198,7 +251,7 @@ def build_merge_loras(inputs: list[LazyModel], params: dict, ctx: OpContext) -> 
                 u = get(q.module.keys["lora_up.weight"]).to(torch.float32)
                 d = get(q.module.keys["lora_down.weight"]).to(torch.float32)
                 r = d.shape[0]
-                ups.append((q.mu * q.scale) * u.reshape(ref[0], r))
+                ups.append((q.mu * q.scale) * _lift(u, q, (ref[0], r)))
                 downs.append(d.reshape((r,) + tuple(ref[1:])))
             up = torch.cat(ups, dim=1)
             out["lora_up.weight"] = up.reshape(up.shape + ((1, 1) if len(ref) == 4 else ()))

@@ -15,8 +15,19 @@ from typing import Any
 
 import torch
 
+from mergekit_sd.arch import registry
+from mergekit_sd.arch.architecture import COMFYUI
 from mergekit_sd.arch.modelspec import KOHYA_BASE_VERSION, lora_modelspec
-from mergekit_sd.arch.lora_keys import UNET, Target, default_modules, kohya, ldm_to_diffusers, table
+from mergekit_sd.arch.lora_keys import (
+    TRANSFORMER_ARCHES,
+    UNET,
+    Target,
+    default_modules,
+    kohya,
+    ldm_to_diffusers,
+    row_count,
+    table,
+)
 from mergekit_sd.errors import UserError
 from mergekit_sd.synth.models import synth_specs
 from mergekit_sd.formats.atomic import atomic_path
@@ -27,7 +38,9 @@ FORMATS = ("lora", "locon", "tucker", "loha", "lokr", "full", "norm", "ia3", "do
            "peft", "peft_dora", "peft_raw", "diffusers_old", "oft", "glora")
 NETWORK_MODULE = {"lora": "networks.lora", "peft": "networks.lora", "peft_dora": "networks.lora",
                   "peft_raw": "networks.lora", "diffusers_old": "networks.lora"}
-ARCHES = ("sd1", "sdxl")
+ARCHES = ("sd1", "sdxl", *TRANSFORMER_ARCHES)
+# Flux/SD3 LoRA namings: kohya (BFL/MMDiT paths), diffusers/PEFT (`transformer.` + diffusers path), XLabs (Flux only)
+TRANSFORMER_NAMINGS = ("kohya", "diffusers", "xlabs")
 
 
 def factorization(dim: int) -> tuple[int, int]:
@@ -84,6 +97,9 @@ def synth_lora(arch: str = "sd1", format: str = "lora", factor: int = 32, rank: 
         raise UserError(f"unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
     if arch not in ARCHES:
         raise UserError(f"synthetic LoRAs exist for {', '.join(ARCHES)}, not {arch!r}")
+    if arch in TRANSFORMER_ARCHES:
+        return synth_transformer_lora(arch, format, factor, rank, seed, alpha=alpha, dtype=dtype, naming=naming,
+                                      metadata=metadata, te=te, only=only)
     specs = synth_specs(arch, factor, "fp32")
     tab = table(arch)
     mods = _modules(arch, format, specs)
@@ -199,6 +215,72 @@ def synth_lora(arch: str = "sd1", format: str = "lora", factor: int = 32, rank: 
                 "sdbuild.synthetic": f"{arch} {format} factor={factor} rank={rank} seed={seed}"}
         if format not in NETWORK_MODULE:
             meta["ss_network_args"] = '{"algo": "%s"}' % format
+    return dict(sorted(out.items())), meta
+
+
+def synth_transformer_lora(arch: str, format: str = "lora", factor: int = 32, rank: int = 4, seed: int = 0, *,
+                           alpha: float | None = None, dtype: str = "fp16", naming: str | None = None,
+                           metadata: bool = True, te: bool = True,
+                           only: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A plain LoRA on every linear layer of a Flux/SD3 model's blocks (and CLIP-L, kohya and diffusers namings).
+
+    `naming` kohya (default) writes `lora_unet_…` modules of the fused BFL/MMDiT layers with `alpha` (default
+    rank/2); diffusers writes `transformer.….lora_A/lora_B` of the diffusers layers (q, k, v, MLP input apart) with no
+    alpha (scale 1); xlabs writes Flux `…processor.qkv_lora1.down/up` with no alpha (scale 1)."""
+    from mergekit_sd.synth.transformers import transformer_specs
+
+    naming = "diffusers" if format == "peft" else (naming or "kohya")
+    if format not in ("lora", "peft"):
+        raise UserError(f"synthetic {arch} LoRAs are plain LoRAs (--lora lora or peft), not {format!r}")
+    if naming not in TRANSFORMER_NAMINGS or (naming == "xlabs" and arch != "flux"):
+        have = TRANSFORMER_NAMINGS if arch == "flux" else TRANSFORMER_NAMINGS[:2]
+        raise UserError(f"{arch} LoRA naming {naming!r} is unknown; choose one of {', '.join(have)}")
+    a = registry.get(arch)
+    specs = transformer_specs(arch, factor, torch.float32, COMFYUI)
+    mods = default_modules(arch, naming=COMFYUI)
+    if not te:
+        mods = {n: t for n, t in mods.items() if t.component == "unet"}
+    fdt = DTYPE_NAMES[dtype]
+    scale_alpha = float(rank) / 2 if alpha is None else float(alpha)
+    # (module path as written, tensor roles, out rows, in features)
+    layers: list[tuple[str, int, int]] = []
+    for name, target in mods.items():
+        out_rows, in_features = specs[target.weight].shape
+        if naming == "kohya":
+            layers.append((name, out_rows, in_features))
+            continue
+        if target.component == "te":
+            if naming == "diffusers":
+                layers.append(("text_encoder." + target.base.split(".transformer.", 1)[1], out_rows, in_features))
+            continue
+        path = target.base[len(UNET):]
+        for alias, rows, _swap in a.lora_aliases(path):
+            if (".processor." in alias) == (naming == "xlabs"):
+                layers.append(((alias if naming == "xlabs" else "transformer." + alias), row_count(rows, out_rows),
+                               in_features))
+    if only:
+        layers = [x for x in layers if any(s in x[0] for s in only)]
+    out: dict[str, torch.Tensor] = {}
+    for path, o, i in sorted(layers):
+        g = _gen(path, seed)
+        r = max(1, min(rank, o, i))
+        down, up = torch.randn((r, i), generator=g) * 0.1, torch.randn((o, r), generator=g) * 0.1
+        if naming == "kohya":
+            out[f"{path}.lora_down.weight"], out[f"{path}.lora_up.weight"] = down.to(fdt), up.to(fdt)
+            out[f"{path}.alpha"] = torch.tensor(scale_alpha).to(fdt)
+        elif naming == "diffusers":
+            out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = down.to(fdt), up.to(fdt)
+        else:
+            out[f"{path}.down.weight"], out[f"{path}.up.weight"] = down.to(fdt), up.to(fdt)
+    meta: dict[str, str] = {}
+    if metadata:
+        meta = {"ss_network_module": "networks.lora_flux" if arch == "flux" else "networks.lora_sd3",
+                "ss_network_dim": str(rank), "ss_base_model_version": KOHYA_BASE_VERSION[arch],
+                "ss_output_name": f"synth-{arch}-{naming}", "modelspec.architecture": lora_modelspec(arch),
+                "modelspec.sai_model_spec": "1.0.1", "modelspec.title": f"synthetic {arch} {naming} LoRA",
+                "sdbuild.synthetic": f"{arch} {naming} factor={factor} rank={rank} seed={seed}"}
+        if naming == "kohya":
+            meta["ss_network_alpha"] = str(scale_alpha)
     return dict(sorted(out.items())), meta
 
 

@@ -6,6 +6,13 @@ in all-in-one files with `text_encoders.clip_l.`, `text_encoders.t5xxl.` and `va
 `convert_flux_to_diffusers.py`: fused qkv rows are q, k, v in that order; a single block's `linear1` rows are
 q, k, v (hidden each) then the MLP input (4 x hidden); `norm_out.linear` holds BFL's final modulation with its
 shift and scale halves swapped.
+
+LoRA names (`lora_aliases`, docs/keys.md#flux-loras): kohya names modules by BFL path (`lora_unet_double_blocks_0_img_attn_qkv`,
+CLIP-L `lora_te1_`, T5 `lora_te3_`); diffusers/PEFT by the diffusers path above, so its q, k, v (and a single
+block's MLP input) land on rows of the fused tensors; XLabs (x-flux `DoubleStreamBlockLoraProcessor`) names
+`double_blocks.N.processor.qkv_lora1` (image stream qkv), `qkv_lora2` (text stream), `proj_lora1` / `proj_lora2`
+(the output projections), and for single blocks `qkv_lora` (the q, k, v rows of `linear1`) and `proj_lora` (`linear2`),
+as diffusers' `_convert_xlabs_flux_lora_to_diffusers` reads them.
 """
 
 from __future__ import annotations
@@ -99,6 +106,31 @@ def module_map(module: str) -> list[tuple[str, tuple[int, ...] | None, int | Non
     return [(base + d, None, None, False)] if d else []
 
 
+_XLABS_DOUBLE = {"img_attn.qkv": "qkv_lora1", "txt_attn.qkv": "qkv_lora2", "img_attn.proj": "proj_lora1",
+                 "txt_attn.proj": "proj_lora2"}
+
+
+def lora_aliases(module: str) -> list[tuple[str, tuple[int, int, int] | None, bool]]:
+    """BFL module path -> [(diffusers or XLabs module path, rows of the BFL tensor as (start, stop, of), swap halves)]."""
+    out: list[tuple[str, tuple[int, int, int] | None, bool]] = []
+    for dmod, split, part, swap in module_map(module):
+        if split is None:
+            out.append((dmod, None, swap))
+        else:
+            start = sum(split[:part])
+            out.append((dmod, (start, start + split[part], sum(split)), swap))
+    m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)$", module)
+    if m is not None:
+        kind, n, rest = m.groups()
+        if kind == "double_blocks" and rest in _XLABS_DOUBLE:
+            out.append((f"{kind}.{n}.processor.{_XLABS_DOUBLE[rest]}", None, False))
+        elif kind == "single_blocks" and rest == "linear1":
+            out.append((f"{kind}.{n}.processor.qkv_lora", (0, 3, sum(LINEAR1_SPLIT)), False))
+        elif kind == "single_blocks" and rest == "linear2":
+            out.append((f"{kind}.{n}.processor.proj_lora", None, False))
+    return out
+
+
 def to_diffusers(key: str, shape: tuple[int, ...]) -> list[tuple[str, slice | None, bool]]:
     """BFL tensor name -> [(diffusers tensor name, rows of the BFL tensor, swap halves)]."""
     module, _, leaf = key.rpartition(".")
@@ -119,6 +151,8 @@ def detect(specs: Mapping[str, TensorSpec], naming: str) -> str | None:
         return "dev" if any(".guidance_embedder." in k for k in specs) else "schnell"
     if not any(".double_blocks." in f".{k}" for k in specs) or not any(".single_blocks." in f".{k}" for k in specs):
         return None
+    if not any(k.endswith(".img_attn.qkv.weight") for k in specs):  # XLabs LoRAs name blocks too, but no such weight
+        return None
     return "dev" if any("guidance_in." in k for k in specs) else "schnell"
 
 
@@ -129,4 +163,5 @@ ARCHITECTURES = (Architecture(
                 "t5xxl": ("text_encoder_2", "text_encoders.t5xxl."), "vae": ("vae", "vae.")},
     detect=detect, markers=MARKERS, factor_key="img_in.weight", full_width=3072, blocks=BLOCKS, block_of=block_of,
     to_diffusers=to_diffusers, diffusers_block_of=diffusers_block_of,
-    groups={"DOUBLE": "double_blocks.", "SINGLE": "single_blocks."}, merge_node="ModelMergeFlux1"),)
+    groups={"DOUBLE": "double_blocks.", "SINGLE": "single_blocks."}, merge_node="ModelMergeFlux1", lora_aliases=lora_aliases,
+    lora_text_encoders={"lora_te1": "clip_l", "lora_te": "clip_l", "lora_te2": "t5xxl", "lora_te3": "t5xxl"}),)

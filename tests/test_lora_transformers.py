@@ -539,6 +539,42 @@ def test_sd_block_weight_strength_on_flux_is_refused_clearly(flux, tmp_path, sdb
     assert r.code == 2 and r.err.count("\n") == 1 and "loras[0] strength" in r.err, r
 
 
+def _flux_block(module: str) -> str:
+    """ComfyUI ModelMergeFlux1 block of a BFL module path (restated here: `double_blocks.N`, `single_blocks.N`, or the
+    first path element for the embedders and the final layer)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("double_blocks", "single_blocks") else parts[0]
+
+
+def test_named_block_strengths_on_a_flux_lora(flux, tmp_path, sdbuild):
+    base = load_file(flux / "flux.safetensors")
+    lora = {k: v for k, v in load_file(flux / "kohya.safetensors").items() if k.startswith("lora_unet_")}
+    save_file(lora, tmp_path / "unet-only.safetensors")
+    root = "model.diffusion_model."
+    paths = {"lora_unet_" + k[len(root):-len(".weight")].replace(".", "_"): k[:-len(".weight")]
+             for k in base if k.startswith(root) and k.endswith(".weight")}
+    weights = {"double_blocks.0-9": 0.6, "single_blocks.5": -1.0, "final_layer": 2.0}
+
+    def strength_of(module: str) -> float:
+        b = _flux_block(module[len(root):])
+        if b == "single_blocks.5":
+            return -1.0
+        if b == "final_layer":
+            return 2.0
+        if b.startswith("double_blocks.") and int(b.split(".")[1]) <= 9:
+            return 0.6
+        return 0.3
+
+    want = {k: v.clone().float() for k, v in base.items()}
+    for path, t in _modules(lora).items():
+        module = paths[path]
+        scale = float(t["alpha"]) / t["down"].shape[0] if "alpha" in t else 1.0
+        want[module + ".weight"] += strength_of(module) * scale * (t["up"] @ t["down"])
+    mapping = "{default: 0.3, " + ", ".join(f"{k}: {v}" for k, v in weights.items()) + "}"
+    out = load_file(_bake(tmp_path, sdbuild, flux / "flux.safetensors", tmp_path / "unet-only.safetensors", mapping))
+    assert _assert_baked(out, want, base) == len(_modules(lora))
+
+
 def test_bake_provenance_names_the_format(flux, tmp_path, sdbuild):
     import json
 

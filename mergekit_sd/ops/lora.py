@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 
-from mergekit_sd.arch.blocks import family_of
 from mergekit_sd.arch.detect import detect
 from mergekit_sd.arch.lora_keys import (
     ARCH_TITLES,
@@ -229,9 +228,6 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
     # 3. small per-module scalars (alpha, scale, on_input) and multipliers
     strengths = []
     for i, e in enumerate(entries):
-        if transformer and not isinstance(e["strength"], (int, float)) and family_of(arch) is None:
-            raise UserError(f"step {ctx.step!r} loras[{i}] strength: block weights are not available for "
-                            f"{ARCH_TITLES[arch]} LoRAs; use a number")
         fn = compile_strength(e["strength"], arch, f"step {ctx.step!r} loras[{i}] strength")
         te = e.get("te_strength")
         strengths.append((fn, te))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergekit_sd.formats.fp8 import dequantise_scaled_fp8
+from mergekit_sd.formats.fp8 import dequantise_scaled_fp8, is_scaled_fp8
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel
-from mergekit_sd.formats.ckpt import open_ckpt, rename_model
+from mergekit_sd.formats.ckpt import legacy_renames, open_ckpt, rename_model, turbo_renames
 from mergekit_sd.formats.digests import sha256_file
 from mergekit_sd.formats.safetensors import SafetensorsFile, file_content_digest, model_content_digest
 
@@ -36,9 +36,20 @@ def as_loaded(model: LazyModel) -> LazyModel:
     return dequantise_scaled_fp8(rename_model(model))
 
 
-def content_digest_and_sha256(path: Path, want_sha256: bool = True) -> tuple[str, str | None]:
+def loads_unchanged(path: str | os.PathLike, specs) -> bool:
+    """Whether every op sees this file's tensors exactly as stored (same names, same bytes): only then do the
+    file's per-tensor digests describe what a step reads."""
+    if Path(path).suffix.lower() not in SAFETENSORS_EXT:
+        return False
+    return not (legacy_renames(specs) or turbo_renames(specs) or is_scaled_fp8(specs))
+
+
+def content_digest_and_sha256(path: Path, want_sha256: bool = True,
+                              per_tensor: dict[str, bytes] | None = None) -> tuple[str, str | None]:
+    """A model file's content digest and sha256; `per_tensor` receives each tensor's digest from the same pass
+    (safetensors only: a pickle has no byte layout of its own)."""
     ext = path.suffix.lower()
     if ext in PICKLE_EXT:
         digest = model_content_digest(open_model(path))
         return digest, (sha256_file(path) if want_sha256 else None)
-    return file_content_digest(path, want_sha256)
+    return file_content_digest(path, want_sha256, per_tensor)

@@ -175,6 +175,11 @@ class StateDB:
         self._rows("DELETE FROM object_tensor WHERE object=?", (key,))
         self._many("INSERT OR REPLACE INTO object_tensor VALUES (?,?,?,?,?,?)", [(key, *r) for r in rows])
 
+    def object_tensors(self, key: str) -> dict[str, tuple[str | None, str, int, int]]:
+        """name -> (tensor key, digest, first byte, end byte) recorded for a stored object."""
+        rows = self._rows("SELECT name, tkey, digest, begin, end FROM object_tensor WHERE object=?", (key,))
+        return {r[0]: tuple(r[1:]) for r in rows}  # type: ignore[misc]
+
     def objects_with_tensor_keys(self, tkeys: list[str]) -> dict[str, list[tuple[str, str, str, int, int]]]:
         """tensor key -> [(object key, tensor name, digest, first byte, end byte)] of stored tensors with that key."""
         out: dict[str, list[tuple[str, str, str, int, int]]] = {}

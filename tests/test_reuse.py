@@ -64,7 +64,20 @@ def clean_build(sdbuild, recipe: Path, tmp_path: Path, rel: str) -> bytes:
     return (out / rel).read_bytes()
 
 
-def test_one_mbw_value_edited_recomputes_only_that_block(tmp_path, model_dir, sdbuild):
+def count_tensor_reads(monkeypatch) -> list[tuple[str, str]]:
+    """(file name, tensor name) of every tensor read from a model file."""
+    reads: list[tuple[str, str]] = []
+    orig = SafetensorsFile.read
+
+    def read(self, name):
+        reads.append((self.path.name, name))
+        return orig(self, name)
+
+    monkeypatch.setattr(SafetensorsFile, "read", read)
+    return reads
+
+
+def test_one_mbw_value_edited_recomputes_only_that_block(tmp_path, model_dir, sdbuild, monkeypatch):
     total = len(names(model_dir / "a.safetensors"))
     block = in_block(model_dir / "a.safetensors", IN04)
     assert 0 < block < total
@@ -72,7 +85,13 @@ def test_one_mbw_value_edited_recomputes_only_that_block(tmp_path, model_dir, sd
     first = build(sdbuild, mix_recipe(tmp_path, model_dir, 0.5), cache)
     assert first["steps"]["mix"]["computed"] == total and first["steps"]["mix"]["reused"] == 0
     rp = mix_recipe(tmp_path, model_dir, 0.9)
+    reads = count_tensor_reads(monkeypatch)
     again = build(sdbuild, rp, cache)
+    seen = list(reads)
+    # the inputs are read for the recomputed tensors only
+    expect = {k for k in names(model_dir / "a.safetensors") if k.startswith(IN04)}
+    assert sorted(t for f, t in seen if f == "a.safetensors") == sorted(expect)
+    assert sorted(t for f, t in seen if f == "b.safetensors") == sorted(expect)
     mix = again["steps"]["mix"]
     assert mix["computed"] == block and mix["reused"] == total - block
     assert mix["source"] == "computed" and isinstance(mix["seconds"], float) and mix["seconds"] >= 0

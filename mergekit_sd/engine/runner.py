@@ -249,7 +249,7 @@ class Runner:
                 r.close()
         seconds = time.monotonic() - started
         report.step(name, computed=tensors.computed, reused=tensors.reused, seconds=round(seconds, 3))
-        self.progress.line(f"{name}: {tensors.computed} computed, {tensors.reused} reused")
+        self.progress.step_done(name, tensors.computed, tensors.reused)
         return digest
 
     def _write_step(self, name: str, key: str | None, ck: str | None, report: BuildReport,

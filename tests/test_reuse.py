@@ -143,23 +143,28 @@ def test_chain_recomputes_downstream_tensors_only_where_inputs_changed(tmp_path,
             steps:
               up: {{op: weighted_sum, models: [A, B], alpha: "{mbw(in04)}"}}
               down: {{op: add_difference, models: [up, B, C], alpha: 0.4}}
-            outputs: {{up: out/up.safetensors, down: out/down.safetensors}}
+              half: {{op: convert, model: down, dtype: bf16}}
+            outputs: {{up: out/up.safetensors, down: out/down.safetensors, half: out/half.safetensors}}
             """)
 
     total = len(names(model_dir / "a.safetensors"))
     block = in_block(model_dir / "a.safetensors", IN04)
     cache = tmp_path / "cache"
     build(sdbuild, recipe(0.2), cache)
-    up_old = load_file(str(tmp_path / "out" / "up.safetensors"))
+    up_old, down_old = (load_file(str(tmp_path / "out" / f"{n}.safetensors")) for n in ("up", "down"))
     rp = recipe(0.8)
     steps = build(sdbuild, rp, cache)["steps"]
-    up_new = load_file(str(tmp_path / "out" / "up.safetensors"))
+    up_new, down_new = (load_file(str(tmp_path / "out" / f"{n}.safetensors")) for n in ("up", "down"))
     changed = {k for k in up_old if not torch.equal(up_old[k], up_new[k])}
     assert steps["up"]["computed"] == block and steps["up"]["reused"] == total - block
     assert changed and all(k.startswith(IN04) for k in changed)
     # early cutoff per tensor: the downstream step computes exactly the tensors whose upstream tensor changed
     assert steps["down"]["computed"] == len(changed) and steps["down"]["reused"] == total - len(changed)
-    assert (tmp_path / "out" / "down.safetensors").read_bytes() == clean_build(sdbuild, rp, tmp_path, "out/down.safetensors")
+    # and a convert after it casts again only the tensors that changed in its input
+    down_changed = sum(1 for k in down_old if not torch.equal(down_old[k], down_new[k]))
+    assert steps["half"]["computed"] == down_changed and steps["half"]["reused"] == total - down_changed
+    assert (tmp_path / "out" / "half.safetensors").read_bytes() == clean_build(sdbuild, rp, tmp_path, "out/half.safetensors")
+    assert (tmp_path / "out" / "down.safetensors").read_bytes() == (tmp_path / "clean" / "out" / "down.safetensors").read_bytes()
 
 
 def _only_object(cache: Path) -> Path:

@@ -189,8 +189,10 @@ def test_damaged_stored_tensor_is_detected_and_recomputed(tmp_path, model_dir, s
     total = len(names(model_dir / "a.safetensors"))
     block = in_block(model_dir / "a.safetensors", IN04)
     rp = mix_recipe(tmp_path, model_dir, 0.9)
-    mix = build(sdbuild, rp, cache)["steps"]["mix"]
+    report = build(sdbuild, rp, cache)
+    mix = report["steps"]["mix"]
     assert mix["computed"] == block + 1 and mix["reused"] == total - block - 1
+    assert "mix: 1 stored tensor(s) failed their digest check" in report["stderr"] and victim in report["stderr"]
     assert (tmp_path / "out" / "mix.safetensors").read_bytes() == clean_build(sdbuild, rp, tmp_path, "out/mix.safetensors")
     # the bad record is forgotten; the intact ones stay offered
     held = StateDB(cache).object_tensors(obj.name[: -len(".safetensors")])

@@ -84,6 +84,7 @@ class TensorReuse:
         self.base = model
         self.keys = keys
         self.reused = 0
+        self.damaged: list[str] = []  # stored tensors that failed their digest check
         self.complete = False  # whether `keys` were made with every input's digests known
         self.result: WriteResult | None = None  # the written object, once written
         self._lock = threading.Lock()
@@ -124,6 +125,8 @@ class TensorReuse:
             buf = bytearray(end - begin)
             if not _pread_exact(fd, buf, begin) or tensor_digest(name, spec.dtype, spec.shape, buf).hex() != digest:
                 self.store.db.forget_object_tensor(obj, tname)  # damaged on disk: computed, never offered again
+                with self._lock:
+                    self.damaged.append(f"{tname} in {self.store.object_path(obj)}")
                 continue
             with self._lock:
                 self.reused += 1

@@ -7,6 +7,7 @@ executor can stream any chain of ops tensor by tensor without holding a model in
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Callable, Mapping
 
 import torch
@@ -29,6 +30,7 @@ class TensorSpec:
         return self.numel * dtype_size(self.dtype)
 
 
+@lru_cache(maxsize=None)
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

@@ -199,6 +199,32 @@ def test_damaged_stored_tensor_is_detected_and_recomputed(tmp_path, model_dir, s
     assert victim not in held and len(held) == total - 1
 
 
+def test_damaged_stored_tensor_is_copied_from_another_object_holding_it(tmp_path, model_dir, sdbuild):
+    cache = tmp_path / "cache"
+    build(sdbuild, mix_recipe(tmp_path, model_dir, 0.5), cache)
+    build(sdbuild, mix_recipe(tmp_path, model_dir, 0.7), cache)  # a second object with every non-IN04 tensor
+    objs = sorted((cache / "objects").glob("*/*.safetensors"), key=lambda p: p.name)
+    assert len(objs) == 2
+    first = objs[0]  # the one offered first
+    victim = "model.diffusion_model.out.0.weight"
+    with SafetensorsFile(first) as sf:
+        begin = sf.data_start + sf.offsets[victim][0]
+    os.chmod(first, 0o644)
+    with open(first, "r+b") as f:
+        f.seek(begin)
+        byte = f.read(1)
+        f.seek(begin)
+        f.write(bytes([byte[0] ^ 0x01]))
+    total = len(names(model_dir / "a.safetensors"))
+    block = in_block(model_dir / "a.safetensors", IN04)
+    rp = mix_recipe(tmp_path, model_dir, 0.9)
+    report = build(sdbuild, rp, cache)
+    assert report["steps"]["mix"]["computed"] == block and report["steps"]["mix"]["reused"] == total - block
+    assert "failed their digest check" in report["stderr"]
+    assert (tmp_path / "out" / "mix.safetensors").read_bytes() == clean_build(sdbuild, rp, tmp_path, "out/mix.safetensors")
+    assert victim not in StateDB(cache).object_tensors(first.name[: -len(".safetensors")])
+
+
 def test_ops_without_tensor_keys_always_compute(tmp_path, model_dir, sdbuild):
     """cosine_a scales by whole-model statistics: no tensor can declare what it depends on, so none is reused."""
     def recipe(alpha: float) -> Path:
@@ -243,7 +269,9 @@ def test_migration_adds_tensor_tables_to_an_old_database(tmp_path):
     s = StateDB(db)
     assert s.object("k") == ("c", "d", 1) and s.object_boot("k") is None
     s.put_object_tensors("k", [("t", "tk", "dg", 8, 16)])
-    assert s.objects_with_tensor_keys(["tk", "none"]) == {"tk": [("k", "t", "dg", 8, 16)]}
+    s.put_object_tensors("j", [("t", "tk", "dg", 24, 32)])
+    assert s.objects_with_tensor_keys(["tk", "none"]) == {"tk": ("j", "t", "dg", 24, 32)}  # one row per key
+    assert s.tensor_copies("tk") == [("j", "t", "dg", 24, 32), ("k", "t", "dg", 8, 16)]
     s.forget_object("k")
     assert s.object_tensors("k") == {}
 

@@ -15,26 +15,24 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from mergekit_sd.engine.state import StateDB, file_identity
 from mergekit_sd.engine.store import Store
 from mergekit_sd.formats.digests import canonical, hash_text
-from mergekit_sd.formats.open import loads_unchanged
-from mergekit_sd.formats.safetensors import SafetensorsFile, WriteResult, dtype_code, file_content_digest, read_header, tensor_digest
+from mergekit_sd.formats.safetensors import WriteResult, dtype_code, file_content_digest, tensor_digest
 from mergekit_sd.lazy import LazyModel
 
 Digests = dict[str, str]  # tensor name -> hex digest (xxh3-128 of name, dtype, shape and bytes)
 
 
-def file_tensor_digests(db: StateDB, path: Path, content: str | None, stored: bool = False) -> Digests | None:
-    """Per-tensor digests of a file a step reads, or None when they cannot describe what the step sees (digest
-    not known yet, a container without byte layout, names or values changed on load). Recorded ones are looked up
-    by content digest; a file hashed before they were recorded is hashed once more (stale steps only)."""
+def file_tensor_digests(db: StateDB, path: Path, content: str | None) -> Digests | None:
+    """Per-tensor digests of a safetensors file a step reads as stored (None: its digest is not known yet).
+    Recorded ones are looked up by content digest; a file hashed before they were recorded is hashed once more
+    (stale steps only)."""
     if content is None:
-        return None
-    if not stored and (path.suffix.lower() != ".safetensors" or not loads_unchanged(path, read_header(path)[0])):
         return None
     found = db.tensor_digests(content)
     if found is not None:
@@ -90,13 +88,8 @@ class TensorReuse:
         self._lock = threading.Lock()
         self._fds: dict[str, int | None] = {}
         self._copies: dict[str, tuple[int, int]] = {}
-        self._candidates: dict[str, list[tuple[str, str, str, int, int]]] = {}
         found = store.db.objects_with_tensor_keys(list(keys.values())) if keys else {}
-        for name, tkey in keys.items():
-            nbytes = model.spec(name).nbytes
-            rows = [r for r in found.get(tkey, ()) if r[1] == name and r[4] - r[3] == nbytes]
-            if rows:
-                self._candidates[name] = rows
+        self._first = {name: found[tkey] for name, tkey in keys.items() if tkey in found}
         self.model = LazyModel(model.specs, self._produce, model.metadata, model.label, model.info,
                                key_inputs=model.key_inputs)
 
@@ -116,10 +109,19 @@ class TensorReuse:
                 self._fds[obj] = fd
             return self._fds[obj]
 
+    def _candidates(self, name: str) -> Iterator[tuple[str, str, str, int, int]]:
+        """Stored tensors with this tensor's key: the one found up front, then (only if it fails) every other."""
+        if name not in self._first:
+            return
+        yield self._first[name]
+        for row in self.store.db.tensor_copies(self.keys[name]):
+            if row[0] != self._first[name][0]:
+                yield row
+
     def _produce(self, name: str) -> torch.Tensor:
         spec = self.base.spec(name)
-        for obj, tname, digest, begin, end in self._candidates.get(name, ()):
-            fd = self._fd(obj)
+        for obj, tname, digest, begin, end in self._candidates(name):
+            fd = self._fd(obj) if tname == name and end - begin == spec.nbytes else None
             if fd is None:
                 continue
             buf = bytearray(end - begin)
@@ -147,12 +149,19 @@ class TensorReuse:
         self._fds.clear()
 
 
-def record_object(db: StateDB, key: str, path: Path, result: WriteResult, keys: dict[str, str]) -> None:
-    """What a new object holds, per tensor: its key (when it has one), digest and byte range in the file."""
+def record_object(db: StateDB, key: str, path: Path, model: LazyModel, result: WriteResult, keys: dict[str, str]) -> None:
+    """What a new object holds, per tensor: its key (when it has one), digest and byte range in the file. The
+    writer lays tensors out in name order right after the header, so the ranges follow from the specs."""
     digests = {n: d.hex() for n, d in result.tensor_digests.items()}
-    with SafetensorsFile(path) as sf:
-        start = sf.data_start
-        rows = [(n, keys.get(n), digests[n], start + b, start + e) for n, (b, e) in sorted(sf.offsets.items())]
+    with open(path, "rb") as f:
+        pos = 8 + int.from_bytes(f.read(8), "little")
+    rows = []
+    for n in model.keys():
+        end = pos + model.spec(n).nbytes
+        rows.append((n, keys.get(n), digests[n], pos, end))
+        pos = end
+    if pos != result.size:
+        raise RuntimeError(f"{path}: {result.size} bytes, but its tensors end at byte {pos}")
     db.put_object_tensors(key, rows)
     db.put_tensor_digests(result.content_digest, digests)
 

@@ -80,6 +80,7 @@ class Runner:
         planner.hash_while_reading = True
         self._hashing: dict[str, HashingReader] = {}  # inputs the running step hashes as it reads them
         self._pending: dict[str, NodeFacts] = {}  # their facts until the digests are known
+        self._as_stored: dict[str, bool] = {}  # inputs whose ops see the tensors exactly as stored in the file
         if self.device.type == "cpu":
             # tensors are computed on `workers` threads at once: each gets a share of the cores, not all of them
             torch.set_num_threads(intra_op_threads(self.workers))
@@ -97,7 +98,14 @@ class Runner:
         if name in self.recipe.inputs and self.planner.hashed_while_read(name):
             if name not in self._hashing:
                 self._hashing[name] = HashingReader(SafetensorsFile(self.input_path(name)))
-            m = as_loaded(self._hashing[name].lazy())
+            raw = self._hashing[name].lazy()
+            m = as_loaded(raw)
+            self._as_stored[name] = m is raw
+            m.label = self.input_path(name).name
+        elif name in self.recipe.inputs and self.input_path(name).suffix.lower() == ".safetensors":
+            raw = SafetensorsFile(self.input_path(name)).lazy()
+            m = as_loaded(raw)
+            self._as_stored[name] = m is raw  # names and bytes as in the file: its tensor digests describe them
             m.label = self.input_path(name).name
         elif name in self.recipe.inputs:
             m = open_model(self.input_path(name))
@@ -225,8 +233,10 @@ class Runner:
         if st is None or st.digest is None:
             return None
         if ref in self.recipe.inputs:
+            if not self._as_stored.get(ref):  # renamed or dequantised on load, or a pickle: not what the op reads
+                return None
             return file_tensor_digests(self.store.db, self.input_path(ref), st.digest)
-        return file_tensor_digests(self.store.db, self.store.object_path(self.keys[ref][0]), st.digest, stored=True)
+        return file_tensor_digests(self.store.db, self.store.object_path(self.keys[ref][0]), st.digest)
 
     def _run_step(self, name: str, key: str | None, ck: str | None, report: BuildReport) -> str:
         """Build one step into the store, copying the tensors stored objects already hold (engine.reuse); says
@@ -243,7 +253,7 @@ class Runner:
                                    [self._ref_digests(r) for r in self.recipe.steps[name].refs])
             obj = self.keys[name][0]
             assert tensors.result is not None
-            record_object(self.store.db, obj, self.store.object_path(obj), tensors.result, keys)
+            record_object(self.store.db, obj, self.store.object_path(obj), tensors.base, tensors.result, keys)
         finally:
             for r in reuse:
                 r.close()

@@ -180,17 +180,23 @@ class StateDB:
         rows = self._rows("SELECT name, tkey, digest, begin, end FROM object_tensor WHERE object=?", (key,))
         return {r[0]: tuple(r[1:]) for r in rows}  # type: ignore[misc]
 
-    def objects_with_tensor_keys(self, tkeys: list[str]) -> dict[str, list[tuple[str, str, str, int, int]]]:
-        """tensor key -> [(object key, tensor name, digest, first byte, end byte)] of stored tensors with that key."""
-        out: dict[str, list[tuple[str, str, str, int, int]]] = {}
+    def objects_with_tensor_keys(self, tkeys: list[str]) -> dict[str, tuple[str, str, str, int, int]]:
+        """tensor key -> (object key, tensor name, digest, first byte, end byte) of one stored tensor with that key
+        (the first object by key: one row per tensor key, however many objects share it)."""
+        out: dict[str, tuple[str, str, str, int, int]] = {}
         unique = sorted(set(tkeys))
         for i in range(0, len(unique), SQL_VARIABLES):
             part = unique[i:i + SQL_VARIABLES]
-            sql = ("SELECT tkey, object, name, digest, begin, end FROM object_tensor WHERE tkey IN (%s) "
-                   "ORDER BY object, name" % ",".join("?" * len(part)))
+            sql = ("SELECT tkey, MIN(object), name, digest, begin, end FROM object_tensor WHERE tkey IN (%s) "
+                   "GROUP BY tkey" % ",".join("?" * len(part)))
             for tkey, *rest in self._rows(sql, part):
-                out.setdefault(tkey, []).append(tuple(rest))  # type: ignore[arg-type]
+                out[tkey] = tuple(rest)  # type: ignore[assignment]
         return out
+
+    def tensor_copies(self, tkey: str) -> list[tuple[str, str, str, int, int]]:
+        """Every stored tensor with this key: (object key, tensor name, digest, first byte, end byte)."""
+        return [tuple(r) for r in self._rows("SELECT object, name, digest, begin, end FROM object_tensor WHERE tkey=? "
+                                             "ORDER BY object", (tkey,))]  # type: ignore[misc]
 
     def forget_object_tensor(self, key: str, name: str) -> None:
         """A stored tensor that failed its digest check is never offered again."""

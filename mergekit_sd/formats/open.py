@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergekit_sd.formats.fp8 import dequantise_scaled_fp8, is_scaled_fp8
+from mergekit_sd.formats.fp8 import dequantise_scaled_fp8
 from mergekit_sd.errors import UserError
 from mergekit_sd.lazy import LazyModel
-from mergekit_sd.formats.ckpt import legacy_renames, open_ckpt, rename_model, turbo_renames
+from mergekit_sd.formats.ckpt import open_ckpt, rename_model
 from mergekit_sd.formats.digests import sha256_file
 from mergekit_sd.formats.safetensors import SafetensorsFile, file_content_digest, model_content_digest
 
@@ -34,14 +34,6 @@ def open_model(path: str | os.PathLike) -> LazyModel:
 def as_loaded(model: LazyModel) -> LazyModel:
     """A safetensors file's tensors as every op sees them: legacy names renamed, scaled fp8 dequantised."""
     return dequantise_scaled_fp8(rename_model(model))
-
-
-def loads_unchanged(path: str | os.PathLike, specs) -> bool:
-    """Whether every op sees this file's tensors exactly as stored (same names, same bytes): only then do the
-    file's per-tensor digests describe what a step reads."""
-    if Path(path).suffix.lower() not in SAFETENSORS_EXT:
-        return False
-    return not (legacy_renames(specs) or turbo_renames(specs) or is_scaled_fp8(specs))
 
 
 def content_digest_and_sha256(path: Path, want_sha256: bool = True,

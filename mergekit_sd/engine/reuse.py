@@ -21,6 +21,7 @@ import torch
 
 from mergekit_sd.engine.state import StateDB, file_identity
 from mergekit_sd.engine.store import Store
+from mergekit_sd.errors import SdbuildError
 from mergekit_sd.formats.digests import canonical, hash_text
 from mergekit_sd.formats.safetensors import WriteResult, dtype_code, file_content_digest, tensor_digest
 from mergekit_sd.lazy import LazyModel
@@ -40,7 +41,7 @@ def file_tensor_digests(db: StateDB, path: Path, content: str | None) -> Digests
     per: dict[str, bytes] = {}
     try:
         actual, _ = file_content_digest(path, False, per)
-    except OSError:
+    except (OSError, SdbuildError):  # unreadable or damaged: its tensors are simply computed
         return None
     if actual != content:
         return None

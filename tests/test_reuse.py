@@ -167,6 +167,30 @@ def test_chain_recomputes_downstream_tensors_only_where_inputs_changed(tmp_path,
     assert (tmp_path / "out" / "down.safetensors").read_bytes() == (tmp_path / "clean" / "out" / "down.safetensors").read_bytes()
 
 
+def test_prune_with_a_cast_after_a_partly_changed_merge_redoes_only_changed_tensors(tmp_path, model_dir, sdbuild):
+    def recipe(in04: float) -> Path:
+        return write_recipe(tmp_path, f"""
+            sdbuild: 1
+            inputs: {{A: {model_dir}/a.safetensors, B: {model_dir}/b.safetensors}}
+            steps:
+              mix: {{op: weighted_sum, models: [A, B], alpha: "{mbw(in04)}"}}
+              slim: {{op: prune, model: mix, dtype: bf16, components: [unet, text_encoder]}}
+            outputs: {{mix: out/mix.safetensors, slim: out/slim.safetensors}}
+            """)
+
+    cache = tmp_path / "cache"
+    build(sdbuild, recipe(0.1), cache)
+    old = load_file(str(tmp_path / "out" / "mix.safetensors"))
+    rp = recipe(0.6)
+    steps = build(sdbuild, rp, cache)["steps"]
+    new = load_file(str(tmp_path / "out" / "mix.safetensors"))
+    kept = set(names(tmp_path / "out" / "slim.safetensors"))
+    assert kept and len(kept) < len(new)  # the VAE was dropped
+    changed = {k for k in new if not torch.equal(old[k], new[k])} & kept
+    assert changed and steps["slim"]["computed"] == len(changed) and steps["slim"]["reused"] == len(kept) - len(changed)
+    assert (tmp_path / "out" / "slim.safetensors").read_bytes() == clean_build(sdbuild, rp, tmp_path, "out/slim.safetensors")
+
+
 def _only_object(cache: Path) -> Path:
     objs = sorted((cache / "objects").glob("*/*.safetensors"))
     assert len(objs) == 1

@@ -54,7 +54,7 @@ def cast_model(model: LazyModel, dtype: torch.dtype | None, step: str, allow_ove
                keys: set[str] | None = None, source: int | None = None) -> tuple[LazyModel, int, int]:
     """A lazy model with castable tensors (all, or those in `keys`) cast to `dtype`; returns (model, tensors cast, bytes saved).
     `source`: when `model` is the op's input of that index as given, each tensor declares it reads that input's
-    tensor of the same name (tensor-level reuse)."""
+    tensor of the same name; otherwise each tensor extends what `model` declares for it (tensor-level reuse)."""
     if dtype is None:
         return model, 0, 0
     specs: dict[str, TensorSpec] = {}
@@ -74,10 +74,11 @@ def cast_model(model: LazyModel, dtype: torch.dtype | None, step: str, allow_ove
         return checked_cast(t, k, dtype, step, allow_overflow) if k in cast else t
 
     def key_inputs(k: str) -> KeyInputs | None:
-        if source is None:
+        inner = KeyInputs(None, ((source, k),)) if source is not None else model.key_inputs(k)
+        if inner is None:
             return None
-        return KeyInputs({"cast": k in cast, "dtype": CODE_OF[specs[k].dtype], "allow_overflow": allow_overflow},
-                         ((source, k),))
+        return KeyInputs({"of": inner.params, "cast": k in cast, "dtype": CODE_OF[specs[k].dtype],
+                          "allow_overflow": allow_overflow}, inner.reads)
 
     return (LazyModel(specs, produce, model.metadata, model.label, model.info.derive(), key_inputs=key_inputs),
             len(cast), before - after)

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import write_recipe
 from mergekit_sd.engine.state import StateDB
 from mergekit_sd.formats.safetensors import SafetensorsFile
 from mergekit_sd.synth.loras import write_synth_lora
+from mergekit_sd.synth.models import synth_vae_tensors
 
 IN04 = "model.diffusion_model.input_blocks.4."  # SD1 block IN04: the 6th of BASE, IN00..IN11, M00, OUT00..OUT11
 
@@ -189,6 +190,28 @@ def test_prune_with_a_cast_after_a_partly_changed_merge_redoes_only_changed_tens
     changed = {k for k in new if not torch.equal(old[k], new[k])} & kept
     assert changed and steps["slim"]["computed"] == len(changed) and steps["slim"]["reused"] == len(kept) - len(changed)
     assert (tmp_path / "out" / "slim.safetensors").read_bytes() == clean_build(sdbuild, rp, tmp_path, "out/slim.safetensors")
+
+
+def test_vae_swap_recomputes_only_the_vae_tensors(tmp_path, model_dir, sdbuild):
+    for name, seed in (("v1", 7), ("v2", 9)):
+        save_file(synth_vae_tensors(32, "fp16", seed, "standalone"), str(tmp_path / f"{name}.safetensors"))
+    vae_count = len(synth_vae_tensors(32, "fp16", 7, "standalone"))
+
+    def recipe(vae: str) -> Path:
+        return write_recipe(tmp_path, f"""
+            sdbuild: 1
+            inputs: {{m: {model_dir}/a.safetensors, v: {tmp_path / vae}}}
+            steps: {{baked: {{op: vae, model: m, vae: v}}}}
+            outputs: {{baked: out/baked.safetensors}}
+            """)
+
+    cache = tmp_path / "cache"
+    build(sdbuild, recipe("v1.safetensors"), cache)
+    rp = recipe("v2.safetensors")
+    baked = build(sdbuild, rp, cache)["steps"]["baked"]
+    total = len(names(model_dir / "a.safetensors"))
+    assert baked["computed"] == vae_count and baked["reused"] == total - vae_count
+    assert (tmp_path / "out" / "baked.safetensors").read_bytes() == clean_build(sdbuild, rp, tmp_path, "out/baked.safetensors")
 
 
 def _only_object(cache: Path) -> Path:

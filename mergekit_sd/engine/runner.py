@@ -165,13 +165,14 @@ class Runner:
             key, ck = self.keys[name]
             with self.store.lock(key):
                 digest, _ = self.store.status(key)
+                started = time.monotonic()
                 fetched = self.remote.fetch(self.store, name, key, ck) if digest is None and self.remote else None
                 if digest is not None:
                     report.fresh.append(name)
                     report.step(name, source="local")
                 elif fetched is not None:
                     digest = fetched
-                    report.step(name, computed=0, reused=0, seconds=0.0)
+                    report.step(name, computed=0, reused=0, seconds=round(time.monotonic() - started, 3))
                     self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: downloaded from {self.remote.remote.url}")
                     report.built.append(name)
                     report.step(name, source="remote")

@@ -260,7 +260,7 @@ class Runner:
                 r.close()
         if tensors.damaged:
             self.progress.warn(f"{name}: {len(tensors.damaged)} stored tensor(s) failed their digest check and were "
-                               f"computed instead (damaged cache object?), e.g. {sorted(tensors.damaged)[0]}")
+                               f"not used (damaged cache object?), e.g. {sorted(tensors.damaged)[0]}")
         seconds = time.monotonic() - started
         report.step(name, computed=tensors.computed, reused=tensors.reused, seconds=round(seconds, 3))
         self.progress.step_done(name, tensors.computed, tensors.reused)

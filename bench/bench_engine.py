@@ -1,6 +1,7 @@
 """The engine's speed targets in one run, each next to the I/O floor measured in the same run (the machine may be
 shared): SD1 weighted_sum of two full-size fp16 models (fresh cache, inputs hashed by the merge's own reads; a
-rebuild after editing alpha; a no-op), a rank-32 LoRA bake, an SDXL weighted_sum, a naive whole-model merge for
+rebuild after editing alpha; a rebuild after editing one value of a 26-value block-weight list, where tensor-level
+reuse copies every other block; a no-op), a rank-32 LoRA bake, an SDXL weighted_sum, a naive whole-model merge for
 scale, and a one-thread floor for each part of the work (read, convert, math, hash, write). Inputs come from a
 warm page cache.
 """
@@ -8,6 +9,7 @@ warm page cache.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import ensure_models, measure, report, sdbuild, warm  # noqa: E402
+from common import ensure_models, measure, measure_output, report, sdbuild, warm  # noqa: E402
 
 NAIVE = """
 import sys
@@ -96,6 +98,33 @@ def recipe(work: Path, a: Path, b: Path, alpha: float, name: str = "bench") -> P
     return p
 
 
+def mbw_recipe(work: Path, a: Path, b: Path, in04: float) -> Path:
+    """weighted_sum with a 26-value SD1 block-weight list (BASE first); `in04` is block IN04's value."""
+    values = [0.3] * 26
+    values[5] = in04
+    p = work / "bench-mbw.yaml"
+    p.write_text(textwrap.dedent(f"""
+        sdbuild: 1
+        inputs: {{A: {a}, B: {b}}}
+        steps:
+          mix: {{op: weighted_sum, models: [A, B], alpha: "{','.join(str(v) for v in values)}"}}
+        outputs: {{mix: out/bench-mbw.safetensors}}
+        """))
+    return p
+
+
+def mbw_edit(work: Path, a: Path, b: Path) -> tuple[float, float, int, int]:
+    """(seconds, peak RSS, tensors computed, tensors reused) of a rebuild after editing IN04 of a 26-value list."""
+    cache = work / "cache-mbw"
+    shutil.rmtree(cache, ignore_errors=True)
+    measure(sdbuild("build", str(mbw_recipe(work, a, b, 0.3)), "-q", "--cache-dir", str(cache)))
+    warm(a, b)
+    wall, rss, out = measure_output(sdbuild("build", str(mbw_recipe(work, a, b, 0.7)), "-q", "--json", "--cache-dir", str(cache)))
+    shutil.rmtree(cache, ignore_errors=True)
+    mix = json.loads(out)["steps"]["mix"]
+    return wall, rss, mix["computed"], mix["reused"]
+
+
 def io_floor(a: Path, b: Path, work: Path) -> float:
     s, _ = measure([sys.executable, "-c", IO_FLOOR, str(a), str(b), str(work / "copy.bin")])
     (work / "copy.bin").unlink()
@@ -171,6 +200,7 @@ def main() -> dict[str, float]:
     res["sdbuild_s"], res["sdbuild_rss_gib"] = measure(sdbuild("build", str(rp), "-q", "--cache-dir", str(cache)))
     res["noop_s"], _ = measure(sdbuild("build", str(rp), "-q", "--cache-dir", str(cache)))
     shutil.rmtree(cache, ignore_errors=True)
+    res["mbw_s"], res["mbw_rss_gib"], res["mbw_computed"], res["mbw_reused"] = mbw_edit(work, a, b)
     res["io_floor_after_s"] = io_floor(a, b, work)  # the machine is shared: a second floor shows the drift
     res.update({f"part_{k}_s": v for k, v in parts(a, b, work).items()})
     res["lora_s"], res["lora_rss_gib"], res["lora_floor_s"] = lora_bake(work, a, args.factor)
@@ -197,11 +227,13 @@ def main() -> dict[str, float]:
     report("sdbuild first build, fresh cache (inputs hashed by the merge's reads)", res["first_build_s"], "s")
     report("sdbuild merge after editing alpha", res["sdbuild_s"], "s")
     report("sdbuild no-op rebuild", res["noop_s"], "s")
+    report("sdbuild merge after editing one value of a 26-value MBW list", res["mbw_s"], "s")
+    print(f"  tensors computed {res['mbw_computed']}, reused {res['mbw_reused']}", flush=True)
     for k in ("read", "convert", "math", "hash", "write"):
         report(f"one-thread floor of part: {k}", res[f"part_{k}_s"], "s")
     report("sdbuild lora bake (rank 32, all default modules) after a strength change", res["lora_s"], "s")
     report("lora bake io floor (read model and LoRA, write one copy)", res["lora_floor_s"], "s")
-    rss = [res["first_build_rss_gib"], res["sdbuild_rss_gib"], res["lora_rss_gib"]]
+    rss = [res["first_build_rss_gib"], res["sdbuild_rss_gib"], res["lora_rss_gib"], res["mbw_rss_gib"]]
     if "sdxl_s" in res:
         report("sdxl io floor", res["sdxl_floor_s"], "s")
         report("sdbuild sdxl weighted_sum after editing alpha", res["sdxl_s"], "s")
@@ -213,9 +245,9 @@ def main() -> dict[str, float]:
     if "sdxl_s" in res:
         check("ratio sdxl weighted_sum / its io floor", res["sdxl_s"] / res["sdxl_floor_s"], 3)
         check("sdxl peak RSS", res["sdxl_rss_gib"], 1, "GiB")
+    report("ratio MBW one-value edit / io floor (no target; compare with the alpha edit's)", res["mbw_s"] / floor)
     check("no-op", res["noop_s"], 0.1, "s")
     check("peak RSS, every sdbuild case", max(rss), 1, "GiB")
-    # the block-weight edit case (one value of a 26-value list) joins here with tensor-level reuse
     return res
 
 

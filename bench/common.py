@@ -14,9 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(argv: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of one child process; fails loudly if the command fails."""
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child must never block on a full pipe
+    wall, rss, _ = measure_output(argv, env)
+    return wall, rss
+
+
+def measure_output(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """`measure`, also returning what the child printed on standard output (a --json report)."""
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:  # files, not pipes: never blocks
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env or os.environ.copy(), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(argv, env=env or os.environ.copy(), stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         code = os.waitstatus_to_exitcode(status)
@@ -24,7 +30,9 @@ def measure(argv: list[str], env: dict | None = None) -> tuple[float, float]:
             err.seek(0)
             tail = err.read()[-4000:].decode(errors="replace")
             raise SystemExit(f"benchmark command failed ({code}): {' '.join(argv)}\n{tail}")
-    return wall, usage.ru_maxrss / (1024 * 1024)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    return wall, usage.ru_maxrss / (1024 * 1024), text
 
 
 def sdbuild(*args: str) -> list[str]:

@@ -7,6 +7,7 @@ executor can stream any chain of ops tensor by tensor without holding a model in
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Callable, Mapping
 
 import torch
@@ -29,12 +30,26 @@ class TensorSpec:
         return self.numel * dtype_size(self.dtype)
 
 
+@lru_cache(maxsize=None)
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
 def is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
+
+
+@dataclass(frozen=True)
+class KeyInputs:
+    """What one produced tensor depends on, declared by the op that produces it (tensor-level reuse keys on it).
+
+    `params`: the JSON-able parameters that apply to this tensor alone (a block weight resolved for it, not the
+    list it came from); `reads`: every (input index, tensor name) the producer reads for it. A declaration must be
+    complete: a tensor whose result depends on anything else (whole-model statistics) declares nothing.
+    """
+
+    params: Any
+    reads: tuple[tuple[int, str], ...]
 
 
 @dataclass
@@ -63,10 +78,12 @@ class LazyModel:
         label: str = "",
         info: ModelInfo | None = None,
         ranger: Callable[[str, int, int], torch.Tensor] | None = None,
+        key_inputs: Callable[[str], KeyInputs | None] | None = None,
     ):
         self._specs = dict(specs)
         self._producer = producer
         self._ranger = ranger
+        self._key_inputs = key_inputs
         self.metadata: dict[str, str] = dict(metadata or {})
         self.label = label
         self.info = info if info is not None else ModelInfo()
@@ -89,6 +106,10 @@ class LazyModel:
 
     def get(self, name: str) -> torch.Tensor:
         return self._producer(name)
+
+    def key_inputs(self, name: str) -> KeyInputs | None:
+        """What tensor `name` is computed from, when its op declares it (None: always computed)."""
+        return self._key_inputs(name) if self._key_inputs is not None else None
 
     def get_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor; files read only those bytes, so a pass over several

@@ -118,6 +118,7 @@ def test_a_damaged_remote_object_is_rebuilt_locally_and_never_served(tmp_path, s
     r, rep = _build(sdbuild, rec, tmp_path / "cache2", "--remote-read-only")
     assert r.code == 0, r
     assert rep["steps"]["ab"]["source"] == "remote" and rep["steps"]["top"]["source"] == "computed"
+    assert (rep["steps"]["ab"]["computed"], rep["steps"]["ab"]["reused"]) == (0, 0)  # downloaded: nothing made here
     assert "failed verification" in r.err and r.err.count("warning:") == 1
     assert (tmp_path / "out" / "top.safetensors").read_bytes() == good
 

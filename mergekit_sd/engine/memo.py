@@ -2,6 +2,7 @@
 
 An input's digest covers its tensors only (names, dtypes, shapes, bytes), so retitling a file does not invalidate
 builds. Digests are memoised by (path, size, mtime_ns, inode): a no-op build stats files and reads no model bytes.
+The same pass records each tensor's digest under the file's content digest (what tensor keys are made of).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def digest_file(path: str | os.PathLike, db: StateDB | None, want_sha256: bool =
         memo = db.memo(p)
         if memo is not None and memo[0] == ident and (memo[2] or not want_sha256):
             return memo[1], memo[2]
-    digest, sha = content_digest_and_sha256(p, want_sha256)
+    per_tensor: dict[str, bytes] = {}
+    digest, sha = content_digest_and_sha256(p, want_sha256, per_tensor)
     STATS["files_hashed"] += 1
     STATS["bytes_hashed"] += ident[0]
     if db is not None:
         db.remember(p, ident, digest, sha)
+        db.put_tensor_digests(digest, {n: d.hex() for n, d in per_tensor.items()})
     return digest, sha

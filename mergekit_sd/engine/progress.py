@@ -30,6 +30,11 @@ class Progress:
         if self._bar is not None:
             self._bar.refresh()
 
+    def step_done(self, step: str, computed: int, reused: int) -> None:
+        """The end of a built step: how many tensors its op produced and how many were copied from the store."""
+        self.close()
+        self.line(f"{step}: {computed} computed, {reused} reused")
+
     def warn(self, text: str) -> None:
         """Warnings are shown even in pipes; --quiet hides them too."""
         self.line(f"warning: {text}")

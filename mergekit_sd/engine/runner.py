@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from mergekit_sd.arch.detect import ArchInfo, detect, model_kind
 from mergekit_sd.engine.memo import digest_file
 from mergekit_sd.engine.planner import NodeState, Planner
 from mergekit_sd.engine.remote_cache import RemoteCache
+from mergekit_sd.engine.reuse import Digests, TensorReuse, file_tensor_digests, record_object, tensor_keys
 from mergekit_sd.engine.space import require, same_filesystem
 from mergekit_sd.engine.store import materialise
 from mergekit_sd.errors import SdbuildError, StepError, UserError
@@ -78,6 +80,7 @@ class Runner:
         planner.hash_while_reading = True
         self._hashing: dict[str, HashingReader] = {}  # inputs the running step hashes as it reads them
         self._pending: dict[str, NodeFacts] = {}  # their facts until the digests are known
+        self._as_stored: dict[str, bool] = {}  # inputs whose ops see the tensors exactly as stored in the file
         if self.device.type == "cpu":
             # tensors are computed on `workers` threads at once: each gets a share of the cores, not all of them
             torch.set_num_threads(intra_op_threads(self.workers))
@@ -95,7 +98,14 @@ class Runner:
         if name in self.recipe.inputs and self.planner.hashed_while_read(name):
             if name not in self._hashing:
                 self._hashing[name] = HashingReader(SafetensorsFile(self.input_path(name)))
-            m = as_loaded(self._hashing[name].lazy())
+            raw = self._hashing[name].lazy()
+            m = as_loaded(raw)
+            self._as_stored[name] = m is raw
+            m.label = self.input_path(name).name
+        elif name in self.recipe.inputs and self.input_path(name).suffix.lower() == ".safetensors":
+            raw = SafetensorsFile(self.input_path(name)).lazy()
+            m = as_loaded(raw)
+            self._as_stored[name] = m is raw  # names and bytes as in the file: its tensor digests describe them
             m.label = self.input_path(name).name
         elif name in self.recipe.inputs:
             m = open_model(self.input_path(name))
@@ -155,12 +165,14 @@ class Runner:
             key, ck = self.keys[name]
             with self.store.lock(key):
                 digest, _ = self.store.status(key)
+                started = time.monotonic()
                 fetched = self.remote.fetch(self.store, name, key, ck) if digest is None and self.remote else None
                 if digest is not None:
                     report.fresh.append(name)
                     report.step(name, source="local")
                 elif fetched is not None:
                     digest = fetched
+                    report.step(name, computed=0, reused=0, seconds=round(time.monotonic() - started, 3))
                     self.progress.line(f"[{steps.index(name) + 1}/{len(steps)}] {name}: downloaded from {self.remote.remote.url}")
                     report.built.append(name)
                     report.step(name, source="remote")
@@ -216,13 +228,52 @@ class Runner:
                                          legacy_hash=legacy_hash(path))
         return self.facts[name]
 
+    def _ref_digests(self, ref: str) -> Digests | None:
+        """Per-tensor digests of what a step reads from `ref` (None: not known yet, or not usable for keys)."""
+        st = self.states.get(ref)
+        if st is None or st.digest is None:
+            return None
+        if ref in self.recipe.inputs:
+            if not self._as_stored.get(ref):  # renamed or dequantised on load, or a pickle: not what the op reads
+                return None
+            return file_tensor_digests(self.store.db, self.input_path(ref), st.digest)
+        return file_tensor_digests(self.store.db, self.store.object_path(self.keys[ref][0]), st.digest)
+
     def _run_step(self, name: str, key: str | None, ck: str | None, report: BuildReport) -> str:
-        """Build one step into the store. Without keys, some inputs are new: they are hashed by this step's reads,
+        """Build one step into the store, copying the tensors stored objects already hold (engine.reuse); says
+        in the report and on the progress line how many tensors were computed and how many reused."""
+        started = time.monotonic()
+        op = get_op(self.recipe.steps[name].op)
+        reuse: list[TensorReuse] = []
+        try:
+            digest = self._write_step(name, key, ck, report, reuse)
+            tensors = reuse[0]
+            keys = tensors.keys
+            if not tensors.complete:  # inputs hashed by this step's reads: their digests are known now
+                keys = tensor_keys(tensors.base, op.name, op.version, self.device.type,
+                                   [self._ref_digests(r) for r in self.recipe.steps[name].refs])
+            obj = self.keys[name][0]
+            assert tensors.result is not None
+            record_object(self.store.db, obj, self.store.object_path(obj), tensors.base, tensors.result, keys)
+        finally:
+            for r in reuse:
+                r.close()
+        if tensors.damaged:
+            self.progress.warn(f"{name}: {len(tensors.damaged)} stored tensor(s) failed their digest check and were "
+                               f"not used (damaged cache object?), e.g. {sorted(tensors.damaged)[0]}")
+        seconds = time.monotonic() - started
+        report.step(name, computed=tensors.computed, reused=tensors.reused, seconds=round(seconds, 3))
+        self.progress.step_done(name, tensors.computed, tensors.reused)
+        return digest
+
+    def _write_step(self, name: str, key: str | None, ck: str | None, report: BuildReport,
+                    reuse: list[TensorReuse]) -> str:
+        """Write one step's object. Without keys, some inputs are new: they are hashed by this step's reads,
         the metadata is settled after the last tensor, and the object is stored under the keys found then."""
         step = self.recipe.steps[name]
         op = get_op(step.op)
         where = self.recipe.where("steps", name)
-        reuse = self.store.find_compute(ck) if ck else None
+        restamp = self.store.find_compute(ck) if ck else None
         self._hashing = {}
         try:
             inputs = [self.open_node(r) for r in step.refs]
@@ -237,8 +288,15 @@ class Runner:
             # what the step reports: the op's own lines, then what reading its inputs reported (a .ckpt's dropped state)
             log = list(ctx.log) + list(model.info.log) + [line for m in inputs for line in m.info.log]
             facts = dict(model.info.provenance)
-            if reuse is not None:
-                model = _restamp_source(self.store.object_path(reuse), model)
+            if restamp is not None:
+                tensors = TensorReuse(self.store, _restamp_source(self.store.object_path(restamp), model), {})
+                tensors.reused = len(model)  # every tensor comes from the object with the same compute key
+            else:
+                digests = [self._ref_digests(r) for r in step.refs]
+                tensors = TensorReuse(self.store, model, tensor_keys(model, op.name, op.version, self.device.type, digests))
+                tensors.complete = all(d is not None for d in digests)
+            reuse.append(tensors)
+            model = tensors.model
             for line in log:
                 self.progress.warn(f"{name}: {line}")
                 report.warnings.append(f"{name}: {line}")
@@ -255,6 +313,7 @@ class Runner:
                 """After the last tensor: the inputs' digests are known, so are the step's keys and metadata."""
                 for n, reader in hashing.items():
                     self.planner.learn_input(n, *reader.finish())
+                    self.store.db.put_tensor_digests(self.states[n].digest, {t: d.hex() for t, d in reader.digests.items()})
                 self.planner.plan_node(name)
                 return metadata_with(self.keys[name][1])
 
@@ -271,7 +330,7 @@ class Runner:
 
             def write(tmp: Path):
                 return write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers,
-                                   final_metadata=settled if key is None else None)
+                                   final_metadata=settled if key is None else None, copy_from=tensors.copy_from)
 
             try:
                 if key is None:
@@ -282,6 +341,7 @@ class Runner:
                 raise
             except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as e:
                 raise StepError(f"step {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            tensors.result = result
             return result.content_digest
         finally:
             for reader in self._hashing.values():
@@ -399,7 +459,7 @@ def _pending_input(planner: Planner, name: str) -> NodeFacts:
 def _restamp_source(obj: Path, fresh: LazyModel) -> LazyModel:
     """Serve tensors from an existing object with the same compute key (only metadata changed)."""
     cached = SafetensorsFile(obj).lazy()
-    return LazyModel(cached.specs, cached.get, fresh.metadata, fresh.label, fresh.info)
+    return LazyModel(cached.specs, cached.get, fresh.metadata, fresh.label, fresh.info, key_inputs=fresh.key_inputs)
 
 
 def _check_kind(ref: str, model: LazyModel, want: str, step: str, where: str) -> None:

@@ -1,8 +1,11 @@
 """The cache's state database: every table and every SQL statement sdbuild runs live here.
 
 Tables: `file_digest` (content digest and sha256 memoised by path, size, mtime_ns and inode), `object` (what each
-stored object holds, and the boot it was written under while its bytes may not be on disk yet), `history` (what each recipe node was last built from, for "why is it stale"), and `stamp`
-(the no-op fast path). This module imports no torch: the no-op path reads stamps through it.
+stored object holds, and the boot it was written under while its bytes may not be on disk yet), `history` (what each
+recipe node was last built from, for "why is it stale"), `stamp` (the no-op fast path), `tensor_digest` (each
+tensor's digest in a file of a given content digest: inputs and objects alike) and `object_tensor` (per stored
+object, each tensor's tensor key, digest and byte range: what tensor-level reuse copies from). This module imports
+no torch: the no-op path reads stamps through it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE TABLE IF NOT EXISTS stamp (key TEXT PRIMARY KEY, files TEXT, report TEXT);
 """
 
+# added in schema version 2 (tensor-level reuse); created by `_migrate` for databases of every age
+TENSOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tensor_digest (content TEXT, name TEXT, digest TEXT, PRIMARY KEY (content, name));
+CREATE TABLE IF NOT EXISTS object_tensor (
+  object TEXT, name TEXT, tkey TEXT, digest TEXT, begin INTEGER, end INTEGER, PRIMARY KEY (object, name)
+);
+CREATE INDEX IF NOT EXISTS object_tensor_tkey ON object_tensor(tkey);
+"""
+SCHEMA_VERSION = 2
+SQL_VARIABLES = 500  # keys per IN (...) query, well under sqlite's limit
+
 DB_NAME = "state.db"
 Identity = tuple[int, int, int]  # (size, mtime_ns, inode)
 
@@ -60,6 +74,9 @@ class StateDB:
             except sqlite3.OperationalError as e:  # another process added it first
                 if "duplicate column" not in str(e):
                     raise
+        if self._rows("PRAGMA user_version")[0][0] < SCHEMA_VERSION:
+            self._sql().executescript(TENSOR_SCHEMA)
+            self._rows(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @classmethod
     def existing(cls, cache_dir: str | os.PathLike) -> "StateDB | None":
@@ -77,6 +94,17 @@ class StateDB:
 
     def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[tuple]:
         return self._sql().execute(sql, tuple(args)).fetchall()
+
+    def _many(self, sql: str, rows: list[tuple]) -> None:
+        """One statement over many rows in one transaction (a model's ~1,100 tensors in one commit)."""
+        c = self._sql()
+        c.execute("BEGIN")
+        try:
+            c.executemany(sql, rows)
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
 
     def close(self) -> None:
         c = getattr(self._local, "conn", None)
@@ -128,6 +156,57 @@ class StateDB:
 
     def forget_object(self, key: str) -> None:
         self._rows("DELETE FROM object WHERE key=?", (key,))
+        self._rows("DELETE FROM object_tensor WHERE object=?", (key,))
+
+    # -- per-tensor digests and tensor keys -------------------------------------------------------------------------------
+
+    def put_tensor_digests(self, content: str, digests: dict[str, str]) -> None:
+        """Each tensor's digest in the file whose content digest is `content` (recorded once per content)."""
+        if digests and not self._rows("SELECT 1 FROM tensor_digest WHERE content=? LIMIT 1", (content,)):
+            self._many("INSERT OR IGNORE INTO tensor_digest VALUES (?,?,?)", [(content, n, d) for n, d in digests.items()])
+
+    def tensor_digests(self, content: str) -> dict[str, str] | None:
+        """name -> digest of every tensor of a file with this content digest, or None when never recorded."""
+        rows = self._rows("SELECT name, digest FROM tensor_digest WHERE content=?", (content,))
+        return dict(rows) if rows else None
+
+    def put_object_tensors(self, key: str, rows: list[tuple[str, str | None, str, int, int]]) -> None:
+        """(name, tensor key or None, digest, first byte, end byte) of every tensor of a stored object."""
+        self._rows("DELETE FROM object_tensor WHERE object=?", (key,))
+        self._many("INSERT OR REPLACE INTO object_tensor VALUES (?,?,?,?,?,?)", [(key, *r) for r in rows])
+
+    def object_tensors(self, key: str) -> dict[str, tuple[str | None, str, int, int]]:
+        """name -> (tensor key, digest, first byte, end byte) recorded for a stored object."""
+        rows = self._rows("SELECT name, tkey, digest, begin, end FROM object_tensor WHERE object=?", (key,))
+        return {r[0]: tuple(r[1:]) for r in rows}  # type: ignore[misc]
+
+    def objects_with_tensor_keys(self, tkeys: list[str]) -> dict[str, tuple[str, str, str, int, int]]:
+        """tensor key -> (object key, tensor name, digest, first byte, end byte) of one stored tensor with that key
+        (the first object by key: one row per tensor key, however many objects share it)."""
+        out: dict[str, tuple[str, str, str, int, int]] = {}
+        unique = sorted(set(tkeys))
+        for i in range(0, len(unique), SQL_VARIABLES):
+            part = unique[i:i + SQL_VARIABLES]
+            sql = ("SELECT tkey, MIN(object), name, digest, begin, end FROM object_tensor WHERE tkey IN (%s) "
+                   "GROUP BY tkey" % ",".join("?" * len(part)))
+            for tkey, *rest in self._rows(sql, part):
+                out[tkey] = tuple(rest)  # type: ignore[assignment]
+        return out
+
+    def tensor_copies(self, tkey: str) -> list[tuple[str, str, str, int, int]]:
+        """Every stored tensor with this key: (object key, tensor name, digest, first byte, end byte)."""
+        return [tuple(r) for r in self._rows("SELECT object, name, digest, begin, end FROM object_tensor WHERE tkey=? "
+                                             "ORDER BY object", (tkey,))]  # type: ignore[misc]
+
+    def forget_object_tensor(self, key: str, name: str) -> None:
+        """A stored tensor that failed its digest check is never offered again."""
+        self._rows("DELETE FROM object_tensor WHERE object=? AND name=?", (key, name))
+
+    def forget_orphan_tensors(self) -> None:
+        """Tensor records of objects and files the cache no longer knows."""
+        self._rows("DELETE FROM object_tensor WHERE object NOT IN (SELECT key FROM object)")
+        self._rows("DELETE FROM tensor_digest WHERE content NOT IN (SELECT digest FROM file_digest) "
+                   "AND content NOT IN (SELECT digest FROM object)")
 
     # -- build history ---------------------------------------------------------------------------------------------------
 

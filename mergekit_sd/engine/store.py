@@ -183,6 +183,7 @@ def collect_garbage(store: "Store", keep: set[str]) -> tuple[int, int]:
             store.db.forget_object(key)
     store.db.forget_orphan_history()
     store.db.forget_missing_files()
+    store.db.forget_orphan_tensors()
     return removed, freed
 
 

@@ -36,9 +36,12 @@ def as_loaded(model: LazyModel) -> LazyModel:
     return dequantise_scaled_fp8(rename_model(model))
 
 
-def content_digest_and_sha256(path: Path, want_sha256: bool = True) -> tuple[str, str | None]:
+def content_digest_and_sha256(path: Path, want_sha256: bool = True,
+                              per_tensor: dict[str, bytes] | None = None) -> tuple[str, str | None]:
+    """A model file's content digest and sha256; `per_tensor` receives each tensor's digest from the same pass
+    (safetensors only: a pickle has no byte layout of its own)."""
     ext = path.suffix.lower()
     if ext in PICKLE_EXT:
         digest = model_content_digest(open_model(path))
         return digest, (sha256_file(path) if want_sha256 else None)
-    return file_content_digest(path, want_sha256)
+    return file_content_digest(path, want_sha256, per_tensor)

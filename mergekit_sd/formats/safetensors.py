@@ -344,6 +344,7 @@ def write_model(
     final_metadata: Callable[[], Mapping[str, str]] | None = None,
     workers: int | None = None,
     window: int = DEFAULT_WINDOW,
+    copy_from: Callable[[str], tuple[int, int] | None] | None = None,
 ) -> WriteResult:
     """Stream `model` into a new safetensors file at `path` (which the caller renames into place).
 
@@ -354,6 +355,9 @@ def write_model(
     Producing runs on `workers` threads ahead of the writer (in name order, at most `window` bytes waiting);
     writing (with the content digest) and the buffer sha256 run on two more, so computation, hashing and the disk
     overlap. Nothing is fsynced here: durability is the caller's (see formats.atomic and the store).
+    `copy_from(name)`, when it gives (file descriptor, offset), says the tensor's bytes (already verified by the
+    producer) lie there: they are copied file to file (`os.copy_file_range`, so a filesystem that shares extents
+    need not write them again) instead of written from memory.
     """
     names = model.keys()
     specs = {n: model.spec(n) for n in names}
@@ -363,7 +367,7 @@ def write_model(
     sha = hashlib.sha256()
     failure: list[BaseException] = []
 
-    with open(path, "wb") as f:
+    with open(path, "w+b") as f:  # readable too: copied tensors are read back and checked
         f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
 
@@ -372,7 +376,9 @@ def write_model(
             h = xxhash.xxh3_128(_tensor_prefix(name, t.dtype, t.shape))
             h.update(data)
             digests[name] = h.digest()
-            f.write(data)
+            src = copy_from(name) if copy_from is not None else None
+            if src is None or not _copy_range(src[0], src[1], f, data):
+                f.write(data)
 
         def buffer_sha(name: str, t: torch.Tensor) -> None:
             sha.update(tensor_bytes(t))
@@ -410,6 +416,40 @@ def write_model(
     return WriteResult(content, buf_sha, digests, os.path.getsize(path))
 
 
+def _copy_range(src_fd: int, offset: int, f, data: memoryview) -> bool:
+    """Copy `len(data)` bytes at `offset` of `src_fd` to the current end of the buffered file `f`, then check them
+    against `data` (the verified bytes they must equal; a mismatch is overwritten from `data`). False, with nothing
+    written, where the kernel or the filesystem cannot copy, so the caller writes `data` itself."""
+    copy = getattr(os, "copy_file_range", None)
+    n = len(data)
+    if copy is None or n == 0:
+        return False
+    f.flush()
+    pos = f.tell()
+    fd = f.fileno()
+    done = 0
+    try:
+        while done < n:
+            got = copy(src_fd, fd, n - done, offset + done, pos + done)
+            if got <= 0:
+                break
+            done += got
+    except OSError:
+        pass
+    if done == 0:
+        return False
+    flat = data.cast("B")
+    for s in range(0, n, COPY_CHECK):
+        e = min(n, s + COPY_CHECK)
+        if e > done or _pread_all(fd, e - s, pos + s) != flat[s:e]:
+            os.pwrite(fd, flat[s:e], pos + s)
+    f.seek(pos + n)
+    return True
+
+
+COPY_CHECK = 16 << 20  # bytes of a copied tensor compared at a time
+
+
 def _move_data(path: Path, data_start: int, header: bytes) -> None:
     """Rewrite `path` with a header of another length in front of the same tensor bytes."""
     tmp = path.with_name(path.name + ".relayout")
@@ -425,8 +465,10 @@ def _move_data(path: Path, data_start: int, header: bytes) -> None:
             tmp.unlink()
 
 
-def file_content_digest(path: str | os.PathLike, with_sha256: bool = True) -> tuple[str, str | None]:
-    """(content digest, full-file sha256) of a safetensors file in one sequential pass."""
+def file_content_digest(path: str | os.PathLike, with_sha256: bool = True,
+                        per_tensor: dict[str, bytes] | None = None) -> tuple[str, str | None]:
+    """(content digest, full-file sha256) of a safetensors file in one sequential pass; `per_tensor`, when given,
+    receives each tensor's digest from the same pass (what tensor-level reuse keys on)."""
     sf = SafetensorsFile(path)
     try:
         sha = hashlib.sha256() if with_sha256 else None
@@ -455,6 +497,8 @@ def file_content_digest(path: str | os.PathLike, with_sha256: bool = True) -> tu
                 cur += n
             digests[name] = h.digest()
             pos = max(pos, e)
+        if per_tensor is not None:
+            per_tensor.update(digests)
         if sha is not None:
             end = sf.size - sf.data_start
             if end > pos:

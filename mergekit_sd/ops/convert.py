@@ -12,7 +12,7 @@ import torch
 
 from mergekit_sd.arch.prefixes import MARKERS
 from mergekit_sd.errors import StepError
-from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lazy import KeyInputs, LazyModel, TensorSpec
 from mergekit_sd.formats.safetensors import CODE_OF, DTYPE_NAMES
 from mergekit_sd.ops import REQUIRED, Field, OpContext, OpSpec, register_op
 
@@ -51,8 +51,10 @@ def checked_cast(t: torch.Tensor, key: str, dtype: torch.dtype, step: str, allow
 
 
 def cast_model(model: LazyModel, dtype: torch.dtype | None, step: str, allow_overflow: bool = False,
-               keys: set[str] | None = None) -> tuple[LazyModel, int, int]:
-    """A lazy model with castable tensors (all, or those in `keys`) cast to `dtype`; returns (model, tensors cast, bytes saved)."""
+               keys: set[str] | None = None, source: int | None = None) -> tuple[LazyModel, int, int]:
+    """A lazy model with castable tensors (all, or those in `keys`) cast to `dtype`; returns (model, tensors cast, bytes saved).
+    `source`: when `model` is the op's input of that index as given, each tensor declares it reads that input's
+    tensor of the same name; otherwise each tensor extends what `model` declares for it (tensor-level reuse)."""
     if dtype is None:
         return model, 0, 0
     specs: dict[str, TensorSpec] = {}
@@ -71,14 +73,22 @@ def cast_model(model: LazyModel, dtype: torch.dtype | None, step: str, allow_ove
         t = model.get(k)
         return checked_cast(t, k, dtype, step, allow_overflow) if k in cast else t
 
-    return LazyModel(specs, produce, model.metadata, model.label, model.info.derive()), len(cast), before - after
+    def key_inputs(k: str) -> KeyInputs | None:
+        inner = KeyInputs(None, ((source, k),)) if source is not None else model.key_inputs(k)
+        if inner is None:
+            return None
+        return KeyInputs({"of": inner.params, "cast": k in cast, "dtype": CODE_OF[specs[k].dtype],
+                          "allow_overflow": allow_overflow}, inner.reads)
+
+    return (LazyModel(specs, produce, model.metadata, model.label, model.info.derive(), key_inputs=key_inputs),
+            len(cast), before - after)
 
 
 def build_convert(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyModel:
     model = inputs[0]
     dtype = DTYPE_NAMES[params["dtype"]]
     allow = bool(params.get("allow_overflow"))
-    out, n, saved = cast_model(model, dtype, ctx.step, allow)
+    out, n, saved = cast_model(model, dtype, ctx.step, allow, source=0)
     facts = {"dtype": params["dtype"], "tensors_cast": n, "bytes_before": model.nbytes(), "bytes_after": out.nbytes(),
              "allow_overflow": allow}
     ctx.warn(f"converted {n} float tensors to {params['dtype']} ({model.nbytes()} -> {out.nbytes()} bytes)")

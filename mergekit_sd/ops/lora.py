@@ -30,7 +30,7 @@ from mergekit_sd.arch.lora_keys import (
     te1_prefix,
 )
 from mergekit_sd.errors import UserError
-from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lazy import KeyInputs, LazyModel, TensorSpec
 from mergekit_sd.lora.delta import (
     bias_role,
     compute_delta,
@@ -44,7 +44,7 @@ from mergekit_sd.lora.delta import (
 )
 from mergekit_sd.lora.formats import ALGO_TITLES, Module, declared_arch, name_arch, parse_lora
 from mergekit_sd.lora.strength import compile_strength, entries_schema, validate_lora_entries
-from mergekit_sd.formats.safetensors import DTYPE_NAMES
+from mergekit_sd.formats.safetensors import DTYPE_NAMES, dtype_code
 from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
 from mergekit_sd.ops.merge import check_finite
 
@@ -278,6 +278,20 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
         check_finite(out, key, ctx.step)
         return out.to(device="cpu", dtype=spec.dtype).contiguous()
 
+    def key_inputs(key: str) -> KeyInputs:
+        """An untouched tensor depends on the base tensor alone; a touched one also on every tensor of the modules
+        acting on it and on each module's resolved strength and scale."""
+        out: dict[str, Any] = {"dtype": dtype_code(specs[key].dtype)}
+        contribs = by_key.get(key) or by_bias.get(key)
+        if not contribs:
+            return KeyInputs(out, ((0, key),))
+        out["bias"] = key in by_bias
+        out["modules"] = [{"algo": c.module.algo, "roles": sorted(c.module.keys), "part": c.target.part,
+                           "rows": c.target.rows, "src": c.target.src, "swap": c.target.swap, "mu": c.mu,
+                           "scale": c.scale, "dora": c.dora, "on_input": c.on_input} for c in contribs]
+        reads = [(0, key)] + [(1 + c.lora, c.module.keys[r]) for c in contribs for r in sorted(c.module.keys)]
+        return KeyInputs(out, tuple(reads))
+
     report = []
     for i, (e, p, lm) in enumerate(zip(entries, parsed, lora_models)):
         used = [m for m in p.modules.values()
@@ -305,7 +319,8 @@ def build_lora(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMod
         prov["skipped_modules"] = skipped
     if no_te:
         prov["skipped_text_encoder_modules"] = len(no_te)
-    return LazyModel(specs, produce, model.metadata, label=ctx.step, info=model.info.derive(provenance=prov))
+    return LazyModel(specs, produce, model.metadata, label=ctx.step, info=model.info.derive(provenance=prov),
+                     key_inputs=key_inputs)
 
 
 def _refs(params: dict) -> list[str]:

@@ -34,9 +34,9 @@ from mergekit_sd.arch.blocks import (
 )
 from mergekit_sd.arch.detect import ArchInfo, detect
 from mergekit_sd.errors import StepError, UserError
-from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lazy import KeyInputs, LazyModel, TensorSpec
 from mergekit_sd.methods import Method, load_methods
-from mergekit_sd.formats.safetensors import DTYPE_NAMES
+from mergekit_sd.formats.safetensors import DTYPE_NAMES, dtype_code
 from mergekit_sd.arch.weights import check_weight, compile_weight, is_block_weight, normalize_weight, outside_list
 from mergekit_sd.ops import DTYPE_FIELD, REQUIRED, Field, OpContext, OpSpec, register_op
 
@@ -351,6 +351,19 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         check_finite(out, key, ctx.step)
         return out
 
+    def key_inputs(key: str) -> KeyInputs | None:
+        """A tensor depends on its plan, output dtype, its own resolved weights and the same tensor of each input
+        it reads; a method with whole-model statistics (`prepare`) declares nothing."""
+        how = plan[key]
+        out = {"how": how, "dtype": dtype_code(specs[key].dtype)}
+        if how.startswith("copy:"):
+            return KeyInputs(out, ((int(how[5:]), key),))
+        if method.prepare is not None:
+            return None
+        out["weights"] = {**weights, **{name: table[key] for name, table in tables.items()}}
+        out["plain"] = plain
+        return KeyInputs(out, tuple((i, key) for i in range(n)))
+
     prov: dict[str, Any] = {"method": method.name, "formula": method.formula}
     if archs[0].known:
         prov["architecture"] = archs[0].describe()
@@ -369,7 +382,7 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         prov["dim1_rule"] = sorted(k for k, v in plan.items() if v == "dim1")
     info = first.info.derive(arch=first.info.arch or archs[0], architecture=first.info.architecture or archs[0].modelspec,
                              provenance=prov)
-    return LazyModel(specs, produce, first.metadata, label=ctx.step, info=info)
+    return LazyModel(specs, produce, first.metadata, label=ctx.step, info=info, key_inputs=key_inputs)
 
 
 BLOCK_FIELDS = (

@@ -17,7 +17,7 @@ from mergekit_sd.arch.components import COMPONENTS, broken_position_ids, classif
 from mergekit_sd.arch.prefixes import ema_key
 from mergekit_sd.formats.ckpt import rename_model
 from mergekit_sd.errors import UserError, did_you_mean
-from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lazy import KeyInputs, LazyModel, TensorSpec
 from mergekit_sd.formats.safetensors import DTYPE_NAMES, dtype_code
 from mergekit_sd.ops import DTYPE_FIELD, Field, OpContext, OpSpec, register_op
 from mergekit_sd.ops.convert import cast_model
@@ -154,7 +154,15 @@ def build_prune(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMo
             return torch.arange(out_specs[k].numel, dtype=torch.int64).reshape(out_specs[k].shape)
         return model.get(kept[k])
 
-    out = LazyModel(out_specs, produce, model.metadata, label=ctx.step)
+    as_given = model is inputs[0]  # no legacy names were renamed: `kept` names the input's own tensors
+
+    def key_inputs(k: str) -> KeyInputs | None:
+        """A kept tensor reads one tensor of the input (its EMA copy with ema: use); a repaired one reads none."""
+        if k in fixed:
+            return KeyInputs({"position_ids": "arange"}, ())
+        return KeyInputs({"from": kept[k]}, ((0, kept[k]),)) if as_given else None
+
+    out = LazyModel(out_specs, produce, model.metadata, label=ctx.step, key_inputs=key_inputs)
     dtype = params.get("dtype")
     if dtype:
         comp_keys = {k for k in kept if cls.category[k] in COMPONENTS}

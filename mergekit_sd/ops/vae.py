@@ -20,7 +20,7 @@ from mergekit_sd.arch.prefixes import UNET, VAE
 from mergekit_sd.arch.reference import reference_keys, shrink
 from mergekit_sd.arch.vae import known_vae, vae_fingerprint
 from mergekit_sd.errors import UserError
-from mergekit_sd.lazy import LazyModel, TensorSpec
+from mergekit_sd.lazy import KeyInputs, LazyModel, TensorSpec
 from mergekit_sd.formats.safetensors import dtype_code
 from mergekit_sd.ops import Field, OpContext, OpSpec, register_op
 from mergekit_sd.ops.convert import checked_cast
@@ -163,6 +163,13 @@ def build_vae(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMode
             t = t.reshape(specs[k].shape)
         return checked_cast(t, k, specs[k].dtype, step).contiguous()
 
+    def key_inputs(k: str) -> KeyInputs:
+        """A model tensor reads itself; a baked one reads its source tensor of the VAE."""
+        if k not in plan:
+            return KeyInputs({"dtype": dtype_code(specs[k].dtype)}, ((0, k),))
+        src, reshape = plan[k]
+        return KeyInputs({"dtype": dtype_code(specs[k].dtype), "src": src, "reshape": reshape}, ((1, src),))
+
     replaced = sum(1 for k in plan if k in target_specs)
     facts: dict[str, Any] = {"layout": layout, "replaced": replaced, "added": len(plan) - replaced,
                              "ignored": len(ignored), "dtype": sorted({dtype_code(specs[k].dtype) for k in plan})}
@@ -177,7 +184,8 @@ def build_vae(inputs: list[LazyModel], params: dict, ctx: OpContext) -> LazyMode
             ctx.warn(f"the VAE of {labels[1]} looks like the {known} VAE (fingerprint {fp}), made for SD1/SD2, baked into an SDXL model")
     ctx.warn(f"baked {len(plan)} VAE tensors from {labels[1]} ({layout} layout): {replaced} replaced, {len(plan) - replaced} added"
              + (f"; {len(ignored)} other tensors of the VAE file ignored" if ignored else ""))
-    return LazyModel(specs, produce, model.metadata, label=ctx.step, info=model.info.derive(provenance={"vae": facts}))
+    return LazyModel(specs, produce, model.metadata, label=ctx.step, info=model.info.derive(provenance={"vae": facts}),
+                     key_inputs=key_inputs)
 
 
 register_op(OpSpec(

@@ -34,7 +34,7 @@ from mergekit_sd.engine.progress import Progress
 from mergekit_sd.formats.prefetch import default_workers, map_ahead
 from mergekit_sd.forensics.sources import Member
 
-CHUNK = 1 << 17  # elements per chunk: n fp32 rows of 512 KiB stay in cache, and bound the fp32 summation error
+CHUNK = 1 << 18  # elements per chunk: a few fp32 rows of 1 MiB, few enough chunks that Python overhead stays small
 BLOCK = 256  # elements per fp32 partial sum: its rounding error stays near 3e-8 of the sum
 BATCH_COUNT = 64  # small tensors per chunk at most
 # mantissa bits (with the implicit bit) and smallest exponent of the float types models are stored in
@@ -259,11 +259,9 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
         for run in runs:
             sub = [[r[a] for a in run] for r in rows]
             rvar = 0.0
-            if rounding and query is not None:
-                for a in run:  # an estimate from every 8th element is as good and 8 times cheaper
-                    qa = rows[query][a]
-                    s = qa[::8]
-                    rvar += rounding_variance(s) * (qa.numel() / max(s.numel(), 1))
+            if rounding and query is not None:  # an estimate from every 8th element is as good and 8 times cheaper
+                q = sub[query][0] if len(run) == 1 else torch.cat(sub[query])
+                rvar = rounding_variance(q[::8]) * (q.numel() / max(len(range(0, q.numel(), 8)), 1))
             out.append(Run([pieces[a] for a in run], [same[a] for a in run], products(sub, reference, device), rvar))
         return out
 

@@ -122,6 +122,10 @@ def test_ties_is_not_called_linear(fam, sdbuild):
     rep = fit(sdbuild, fam, "ties", "abc")
     assert rep["kind"] == "not-linear" and rep["verdict"].startswith("not a linear merge of these candidates")
     assert rep["global"]["residual"] > 0.2
+    # the text names the free fit's residual and, apart, the residual of the recipe -o writes
+    r = sdbuild("fit", fam / "ties.safetensors", "--candidates", *[fam / f"{c}.safetensors" for c in "abc"])
+    assert r.code == 0 and f"recipe: {rep['op']}, residual {100 * rep['residual']:.3f}%" in r.out
+    assert f"residual {100 * rep['global']['residual']:.3f}% (fp rounding floor" in r.out
 
 
 def rebuilt_residual(built: Path, model: Path, first: Path) -> float:

@@ -259,9 +259,12 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
         for run in runs:
             sub = [[r[a] for a in run] for r in rows]
             rvar = 0.0
-            if rounding and query is not None:  # an estimate from every 8th element is as good and 8 times cheaper
-                q = sub[query][0] if len(run) == 1 else torch.cat(sub[query])
-                rvar = rounding_variance(q[::8]) * (q.numel() / max(len(range(0, q.numel(), 8)), 1))
+            if rounding and query is not None:
+                if pieces[run[0]].whole:  # small tensors (a few percent of a model), each counted exactly
+                    rvar = rounding_variance(torch.cat(sub[query]) if len(run) > 1 else sub[query][0])
+                else:  # a piece of a large tensor: every 8th element estimates it as well, 8 times cheaper
+                    q = sub[query][0]
+                    rvar = rounding_variance(q[::8]) * (q.numel() / len(range(0, q.numel(), 8)))
             out.append(Run([pieces[a] for a in run], [same[a] for a in run], products(sub, reference, device), rvar))
         return out
 

@@ -117,12 +117,25 @@ def block_buckets(family: str | None) -> tuple[Callable[[str], str], list[str]]:
 
 def rounding_variance(t: torch.Tensor) -> float:
     """Expected squared error of rounding exact values to `t`'s float type: ulp²/12 summed over its elements."""
+    if t.dtype == torch.float16:
+        return _fp16_rounding_variance(t)
     bits, tiny = _MANTISSA.get(t.dtype, (24, -149))
     x = t.to(torch.float32) if t.dtype != torch.float64 else t
     exp = torch.frexp(x).exponent.to(torch.float64)
     ulp = torch.exp2(torch.clamp(exp - bits, min=tiny))
     ulp = torch.where(x == 0, torch.zeros_like(ulp), ulp)
     return float((ulp * ulp).sum()) / 12.0
+
+
+def _fp16_rounding_variance(t: torch.Tensor) -> float:
+    """rounding_variance for fp16 from the bits, three times cheaper: a value with exponent field E (subnormals
+    as E = 1) has ulp 2^(E - 25), so ulp² is the fp32 number with exponent field 2E + 77; zeros, inf and nan
+    count nothing."""
+    mag = t.reshape(-1).view(torch.int16).to(torch.int32) & 0x7FFF
+    e = (mag >> 10).clamp_(min=1)
+    ulp2 = ((2 * e + 77) << 23).view(torch.float32)
+    ulp2 = torch.where((mag == 0) | (mag >= 0x7C00), 0.0, ulp2)
+    return float(ulp2.sum(dtype=torch.float64)) / 12.0
 
 
 @dataclass(frozen=True)

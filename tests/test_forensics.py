@@ -15,7 +15,7 @@ from conftest import write_recipe
 from mergekit_sd.cli.main import main
 from mergekit_sd.forensics.cluster import average_linkage, cut
 from mergekit_sd.forensics.sources import open_checkpoint
-from mergekit_sd.forensics.stream import stream
+from mergekit_sd.forensics.stream import rounding_variance, stream
 from mergekit_sd.synth.loras import write_synth_lora
 from mergekit_sd.synth.models import write_like, write_synth
 
@@ -85,6 +85,20 @@ def test_stream_gram_matches_fp64_and_does_not_depend_on_chunking_or_threads(fam
     assert (np.abs(small.total().gram - gram) <= 1e-6 * scale).all()
     one = stream(members, reference=1, device=cpu, workers=1)
     assert all(np.array_equal(one.buckets[b].gram, res.buckets[b].gram) for b in res.buckets)
+
+
+def test_rounding_floor_is_ulp_squared_over_12():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5000, generator=g) * torch.pow(10.0, torch.randint(-8, 4, (5000,), generator=g).float())
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        t = torch.cat([x, torch.zeros(7)]).to(dtype)
+        v = np.abs(t.float().numpy()) if dtype == torch.bfloat16 else np.abs(t.numpy())
+        if dtype == torch.bfloat16:  # numpy has no bf16: its ulp is 2^16 fp32 ulps
+            ulp = np.spacing(v).astype(np.float64) * 65536
+        else:
+            ulp = np.spacing(v).astype(np.float64)
+        want = float((np.where(v == 0, 0.0, ulp) ** 2).sum()) / 12
+        assert rounding_variance(t) == pytest.approx(want, rel=1e-9), dtype
 
 
 def test_fit_recovers_weighted_sum_add_difference_and_triple_sum(fam, sdbuild):

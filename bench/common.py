@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(argv: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of one child process; fails loudly if the command fails."""
+    wall, rss, _ = measure_cpu(argv, env)
+    return wall, rss
+
+
+def measure_cpu(argv: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in GiB, CPU seconds user + system) of one child process; fails loudly if the
+    command fails. CPU time is what a machine shared with other work still measures well."""
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child must never block on a full pipe
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, env=env or os.environ.copy(), stdout=subprocess.DEVNULL, stderr=err)
@@ -24,7 +31,7 @@ def measure(argv: list[str], env: dict | None = None) -> tuple[float, float]:
             err.seek(0)
             tail = err.read()[-4000:].decode(errors="replace")
             raise SystemExit(f"benchmark command failed ({code}): {' '.join(argv)}\n{tail}")
-    return wall, usage.ru_maxrss / (1024 * 1024)
+    return wall, usage.ru_maxrss / (1024 * 1024), usage.ru_utime + usage.ru_stime
 
 
 def sdbuild(*args: str) -> list[str]:

@@ -1,10 +1,11 @@
 """`sdbuild fit`: the affine merge of candidate parents that best explains a model, globally and per block.
 
 One streaming pass accumulates, per bucket (block of the architecture's block map, or VAE), the Gram matrix of
-[MODEL, C1, ..., Ck] minus C1 in fp64 (stream.py). Everything after that is small linear algebra on those
-matrices (affine.py): the free fit reported as weights, the fits of every simpler op, the choice of the simplest op
+[MODEL, C1, ..., Ck] minus C1 (stream.py: fp32 block products summed in fp64). Everything after that is small
+linear algebra on those matrices (affine.py): the free fit reported as weights, the fits of every simpler op, the choice of the simplest op
 that explains the model as well as the free fit, and the recipe that rebuilds it. Tensors bit-identical to a
-candidate (a VAE copied as is) are counted and left out of the fit.
+candidate (a VAE copied as is) are counted and left out of the fit, though not out of the residual, which is that of
+the written recipe over every compared tensor.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from conftest import write_recipe
 from mergekit_sd.cli.main import main
 from mergekit_sd.forensics.cluster import average_linkage, cut
 from mergekit_sd.forensics.sources import open_checkpoint
-from mergekit_sd.forensics.stream import rounding_variance, stream
+from mergekit_sd.forensics.stream import products, rounding_variance, stream
 from mergekit_sd.synth.loras import write_synth_lora
 from mergekit_sd.synth.models import write_like, write_synth
 
@@ -85,6 +85,14 @@ def test_stream_gram_matches_fp64_and_does_not_depend_on_chunking_or_threads(fam
     assert (np.abs(small.total().gram - gram) <= 1e-6 * scale).all()
     one = stream(members, reference=1, device=cpu, workers=1)
     assert all(np.array_equal(one.buckets[b].gram, res.buckets[b].gram) for b in res.buckets)
+    # the fp64 products a GPU takes, here on the CPU: exact up to fp64 summation
+    k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    rows = [[t[k].reshape(-1)[:37], t[k].reshape(-1)[37:]] for t in tensors]  # two pieces laid end to end
+    x = torch.stack([t[k].double().reshape(-1) for t in tensors])
+    want = ((x - x[1]) @ (x - x[1]).T).numpy()
+    want[1, :] = want[:, 1] = ((x - x[1]) @ x[1]).numpy()
+    want[1, 1] = float(x[1] @ x[1])
+    assert np.allclose(products(rows, 1, cpu, torch.float64), want, rtol=1e-12, atol=0)
 
 
 def test_rounding_floor_is_ulp_squared_over_12():

@@ -191,16 +191,17 @@ class Run:
     rounding: float
 
 
-def products(rows: list[list[torch.Tensor]], reference: int, device: torch.device) -> np.ndarray:
+def products(rows: list[list[torch.Tensor]], reference: int, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> np.ndarray:
     """[n, n] inner products of the rows X_i - R (i != reference) and R (in the reference's row), each member's
-    pieces laid end to end: one fp32 matrix product, returned in fp64. Members equal to R in every piece add
-    nothing but zeros and are not converted at all."""
+    pieces laid end to end: one batched product in `dtype` over blocks of BLOCK elements, summed in fp64. Members
+    equal to R in every piece add nothing but zeros and are not converted at all."""
     n = len(rows)
     ref = rows[reference]
     live = [i for i in range(n) if i == reference or not all(torch.equal(a, b) for a, b in zip(rows[i], ref))]
     length = sum(r.numel() for r in ref)
     width = -(-length // BLOCK) * BLOCK
-    x = torch.empty((len(live), width), dtype=torch.float32, device=device)
+    x = torch.empty((len(live), width), dtype=dtype, device=device)
     x[:, length:] = 0.0
     at = live.index(reference)
     _fill(x[at], ref)
@@ -253,6 +254,9 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
     chunks = plan_chunks(keys, lambda k: specs[k].numel, bucket_of, chunk)
     sizes = [n * 4 * sum(p.stop - p.start for p in c) for c in chunks]
 
+    # a GPU is bound by the transfer, not the arithmetic: it takes fp64 (and no TF32 setting can touch it)
+    work_dtype = torch.float32 if device.type == "cpu" else torch.float64
+
     def work(pieces: list[Piece]) -> list[Run]:
         rows = [[m.model.get_range(p.key, p.start, p.stop) for p in pieces] for m in members]
         same = [[False] * n for _ in pieces]
@@ -278,7 +282,7 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
                 else:  # a piece of a large tensor: every 8th element estimates it as well, 8 times cheaper
                     q = sub[query][0]
                     rvar = rounding_variance(q[::8]) * (q.numel() / len(range(0, q.numel(), 8)))
-            out.append(Run([pieces[a] for a in run], [same[a] for a in run], products(sub, reference, device), rvar))
+            out.append(Run([pieces[a] for a in run], [same[a] for a in run], products(sub, reference, device, work_dtype), rvar))
         return out
 
     done = 0

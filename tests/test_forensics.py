@@ -197,6 +197,22 @@ def test_a_part_copied_from_a_candidate_outside_the_op_is_rebuilt(fam, sdbuild, 
         assert rep["residual"] < 0.02 and measured <= rep["residual"] + rep["rounding_floor"] + 1e-6
 
 
+def test_tensors_copied_inside_a_block_count_in_the_residual(fam, sdbuild, tmp_path):
+    """Every attention query weight copied from b, the rest a weighted sum: no op rebuilds those tensors, they are
+    left out of the fit, and the residual reported still includes what the recipe leaves there."""
+    rec = write_recipe(tmp_path, f"""
+        sdbuild: 1
+        inputs: {{A: {fam}/a.safetensors, B: {fam}/b.safetensors}}
+        steps: {{m: {{op: weighted_sum, models: [A, B], alpha: {{default: 0.3, 're:attn1\\.to_q': 1.0}}}}}}
+        outputs: {{m: m.safetensors}}
+        """)
+    assert sdbuild("build", rec, "-q", "--cache-dir", tmp_path / "cache").code == 0
+    rep, measured = build_fit_recipe(sdbuild, tmp_path, tmp_path / "m.safetensors", [fam / "a.safetensors", fam / "b.safetensors"])
+    assert rep["identical"][str(fam / "b.safetensors")] > 0 and abs(w(rep, "b") - 0.3) <= 0.01
+    assert measured <= rep["residual"] + rep["rounding_floor"] + 1e-6
+    assert rep["residual"] > 0.05 and abs(measured - rep["residual"]) <= rep["rounding_floor"] + 1e-3
+
+
 def test_fit_reports_and_skips_tensors_copied_from_a_candidate(fam, sdbuild, tmp_path):
     rec = write_recipe(tmp_path, f"""
         sdbuild: 1

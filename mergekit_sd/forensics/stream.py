@@ -265,10 +265,10 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
             for a in range(len(pieces)):
                 same[a] = [j != query and rows[j][a].dtype == q[a].dtype and torch.equal(rows[j][a], q[a]) for j in range(n)]
         # whole tensors that will be skipped and those that will not are summed apart
+        skips = [skip_identical and p.whole and any(same[a]) for a, p in enumerate(pieces)]
         runs: list[list[int]] = []
-        for a, p in enumerate(pieces):
-            skip = skip_identical and p.whole and any(same[a])
-            if runs and (skip_identical and pieces[runs[-1][0]].whole and any(same[runs[-1][0]])) == skip:
+        for a, skip in enumerate(skips):
+            if runs and skips[runs[-1][0]] == skip:
                 runs[-1].append(a)
             else:
                 runs.append([a])
@@ -281,7 +281,8 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
                     rvar = rounding_variance(torch.cat(sub[query]) if len(run) > 1 else sub[query][0])
                 else:  # a piece of a large tensor: every 8th element estimates it as well, 8 times cheaper
                     q = sub[query][0]
-                    rvar = rounding_variance(q[::8]) * (q.numel() / len(range(0, q.numel(), 8)))
+                    every8 = q[::8]
+                    rvar = rounding_variance(every8) * (q.numel() / every8.numel())
             out.append(Run([pieces[a] for a in run], [same[a] for a in run], products(sub, reference, device, work_dtype), rvar))
         return out
 
@@ -293,10 +294,10 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
         for runs in map_ahead(work, chunks, sizes, default_workers() if workers is None else workers):
             for run in runs:
                 if run.pieces[0].whole:
-                    for a, p in enumerate(run.pieces):
-                        done += 1
+                    for p in run.pieces:
                         if progress is not None:
                             progress.tensor(label, done, len(keys), p.key)
+                        done += 1
                     _finish(result, [(p.key, p.numel, s) for p, s in zip(run.pieces, run.same)], run.products,
                             run.rounding, bucket_of, query, skip_identical, n)
                     continue
@@ -310,9 +311,9 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
                 if p.last:
                     k, s, acc, rv = open_key
                     open_key = None
-                    done += 1
                     if progress is not None:
                         progress.tensor(label, done, len(keys), k)
+                    done += 1
                     _finish(result, [(k, p.numel, s)], acc, rv, bucket_of, query, skip_identical, n)
     finally:
         torch.set_num_threads(threads)

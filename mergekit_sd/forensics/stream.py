@@ -263,7 +263,8 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
         if query is not None:
             q = rows[query]
             for a in range(len(pieces)):
-                same[a] = [j != query and rows[j][a].dtype == q[a].dtype and torch.equal(rows[j][a], q[a]) for j in range(n)]
+                same[a] = [j != query and rows[j][a].dtype == q[a].dtype and torch.equal(rows[j][a], q[a])
+                           for j in range(n)]
         # whole tensors that will be skipped and those that will not are summed apart
         skips = [skip_identical and p.whole and any(same[a]) for a, p in enumerate(pieces)]
         runs: list[list[int]] = []
@@ -283,7 +284,8 @@ def stream(members: list[Member], *, reference: int, device: torch.device, progr
                     q = sub[query][0]
                     every8 = q[::8]
                     rvar = rounding_variance(every8) * (q.numel() / every8.numel())
-            out.append(Run([pieces[a] for a in run], [same[a] for a in run], products(sub, reference, device, work_dtype), rvar))
+            prods = products(sub, reference, device, work_dtype)
+            out.append(Run([pieces[a] for a in run], [same[a] for a in run], prods, rvar))
         return out
 
     done = 0

@@ -14,12 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(argv: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of one child process; fails loudly if the command fails."""
-    wall, rss, _ = measure_output(argv, env)
+    wall, rss, _, _ = measure_full(argv, env)
     return wall, rss
 
 
 def measure_output(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """`measure`, also returning what the child printed on standard output (a --json report)."""
+    wall, rss, _, text = measure_full(argv, env)
+    return wall, rss, text
+
+
+def measure_cpu(argv: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in GiB, CPU seconds user + system) of one child process. CPU time is what a machine
+    shared with other work still measures well."""
+    wall, rss, cpu, _ = measure_full(argv, env)
+    return wall, rss, cpu
+
+
+def measure_full(argv: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
+    """(wall seconds, peak RSS in GiB, CPU seconds, standard output) of one child process; fails loudly if the
+    command fails."""
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:  # files, not pipes: never blocks
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, env=env or os.environ.copy(), stdout=out, stderr=err)
@@ -32,7 +46,7 @@ def measure_output(argv: list[str], env: dict | None = None) -> tuple[float, flo
             raise SystemExit(f"benchmark command failed ({code}): {' '.join(argv)}\n{tail}")
         out.seek(0)
         text = out.read().decode(errors="replace")
-    return wall, usage.ru_maxrss / (1024 * 1024), text
+    return wall, usage.ru_maxrss / (1024 * 1024), usage.ru_utime + usage.ru_stime, text
 
 
 def sdbuild(*args: str) -> list[str]:

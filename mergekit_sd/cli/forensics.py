@@ -80,6 +80,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for n in rep.candidates:
         print(f"  {n:<{width}}  {rep.global_fit['weights'][n] + 0.0:>9.4f}  {100 * rep.identical[n]:>8.1f}%")
     print(f"  residual {100 * rep.global_fit['residual']:.3f}% (fp rounding floor {100 * rep.rounding_floor:.3f}%), {rep.tensors} tensors")
+    print(f"  recipe: {rep.op}, residual {100 * rep.residual:.3f}%" + (f" (written to {out})" if out is not None else " (-o FILE writes it)"))
     if rep.blocks:
         heads = [Path(n).stem[:9] for n in rep.candidates]
         print(f"  {'block':<6}  " + "  ".join(f"{h:>9}" for h in heads) + "   residual")

@@ -2,7 +2,7 @@
 
 Files are grouped by architecture first (files of different architectures are never in one family and have no
 distance). Within a group, one streaming pass accumulates the Gram matrix of differences from the group's first
-file in fp64; then |Xi - Xj|² = G[i,i] + G[j,j] - 2 G[i,j] for every pair, made relative to the pair's mean
+file (sums in fp64); then |Xi - Xj|² = G[i,i] + G[j,j] - 2 G[i,j] for every pair, made relative to the pair's mean
 squared norm. Average-linkage clustering cut at `cut` (default 0.5) gives the families: fine-tunes and merges of
 one base sit well below it, unrelated models (independent training) near √2 ≈ 1.41.
 """

@@ -1,10 +1,11 @@
 """`sdbuild fit`: the affine merge of candidate parents that best explains a model, globally and per block.
 
 One streaming pass accumulates, per bucket (block of the architecture's block map, or VAE), the Gram matrix of
-[MODEL, C1, ..., Ck] minus C1 in fp64 (stream.py). Everything after that is small linear algebra on those
-matrices (affine.py): the free fit reported as weights, the fits of every simpler op, the choice of the simplest op
+[MODEL, C1, ..., Ck] minus C1 (stream.py: fp32 block products summed in fp64). Everything after that is small
+linear algebra on those matrices (affine.py): the free fit reported as weights, the fits of every simpler op, the choice of the simplest op
 that explains the model as well as the free fit, and the recipe that rebuilds it. Tensors bit-identical to a
-candidate (a VAE copied as is) are counted and left out of the fit.
+candidate (a VAE copied as is) are counted and left out of the fit, though not out of the residual, which is that of
+the written recipe over every compared tensor.
 """
 
 from __future__ import annotations
@@ -73,13 +74,19 @@ def _weights_json(names: list[str], u: np.ndarray) -> dict[str, float]:
 
 
 class _Fitter:
-    """Fits of forms over the stream's buckets: globally (summed Gram) or bucket by bucket."""
+    """Fits of forms over the stream's buckets (globally: summed Gram; or bucket by bucket), and the error of the
+    recipe they give over every compared tensor: the fitted ones, and those left out of the fit because they are
+    bit-identical to some candidates (the recipe reproduces them exactly only where it copies such a candidate)."""
 
-    def __init__(self, res: StreamResult):
+    def __init__(self, res: StreamResult, k: int):
         self.res = res
+        self.k = k
         self.data = [b for b in res.order if b in res.buckets]
         self.total = res.total()
-        self.c = float(self.total.gram[0, 0])
+        n = len(res.names)
+        self.full = {b: (res.buckets[b].gram if b in res.buckets else np.zeros((n, n)))
+                     + res.skipped_gram.get(b, np.zeros((n, n))) for b in res.order}
+        self.c = float(sum(g[0, 0] for g in self.full.values()))  # |MODEL - C1|² over every compared tensor
 
     def global_fit(self, form: Form) -> np.ndarray:
         return fit_form(form, self.total.gram)
@@ -87,13 +94,32 @@ class _Fitter:
     def block_fits(self, form: Form) -> dict[str, np.ndarray]:
         return {b: fit_form(form, self.res.buckets[b].gram) for b in self.data}
 
-    def residual(self, form: Form, theta: np.ndarray | dict[str, np.ndarray]) -> float:
-        """Relative residual of `form` with one parameter vector, or one per bucket."""
-        if isinstance(theta, dict):
-            err = sum(abs_residual(self.res.buckets[b].gram, form.weights(theta[b])) for b in self.data)
-        else:
-            err = abs_residual(self.total.gram, form.weights(theta))
-        return relative(err, self.c)
+    def bucket_error(self, b: str, u: np.ndarray) -> float:
+        """Squared error of candidate weights `u` in bucket b. Skipped tensors equal every candidate in
+        `kept_from`: weights on those candidates alone (summing to 1) rebuild them exactly."""
+        matched = {j - 1 for j in self.res.kept_from.get(b, set()) if j >= 1}
+        support = {j for j in range(self.k) if u[j] != 0.0}
+        if b in self.res.skipped_gram and support <= matched:
+            return abs_residual(self.res.buckets[b].gram, u) if b in self.res.buckets else 0.0
+        return abs_residual(self.full[b], u)
+
+    def error(self, form: Form, values: dict[str, list[float]]) -> float:
+        """Squared error of the recipe with op values per bucket, summed over every compared tensor."""
+        return sum(self.bucket_error(b, _candidate_weights(form, values[b])) for b in self.res.order)
+
+    def residual(self, form: Form, values: dict[str, list[float]]) -> float:
+        """|MODEL - recipe| / |MODEL - C1| over every compared tensor."""
+        return relative(self.error(form, values), self.c)
+
+
+def _candidate_weights(form: Form, v: list[float]) -> np.ndarray:
+    """The weight of every candidate given the op's values (its parameters, or for `linear` its weights)."""
+    if form.op == "linear":
+        u = np.zeros(form.k)
+        for j, w in zip(form.models, v):
+            u[j] = w
+        return u
+    return form.weights(np.asarray(v, dtype=np.float64))
 
 
 def _kept_buckets(res: StreamResult, k: int) -> dict[str, list[int]]:
@@ -121,7 +147,7 @@ def fit_model(model: str | os.PathLike, candidates: list[str | os.PathLike], *, 
     if res.keys == 0:
         raise UserError("shares no tensors with the candidates (same names and shapes); nothing to compare", members[0].name)
     identical = {n: round(res.identical.get(j + 1, 0) / res.keys, 6) for j, n in enumerate(names)}
-    fitter = _Fitter(res)
+    fitter = _Fitter(res, k)
     family = members[0].arch.family
     if not fitter.data or fitter.c == 0:
         who = max(range(k), key=lambda j: res.identical.get(j + 1, 0))
@@ -129,27 +155,30 @@ def fit_model(model: str | os.PathLike, candidates: list[str | os.PathLike], *, 
             return _copy_report(members, names, short, identical, who, res, recipe_dir, blocks)
         raise UserError("every tensor is bit-identical to one candidate or another; nothing left to fit", members[0].name)
 
+    kept = _kept_buckets(res, k)
+
+    def values_of(form: Form, theta) -> dict[str, list[float]]:
+        return _bucket_values(form, theta, fitter.global_fit(form), kept, res.order)
+
     general = general_form(k)
     u_global = general.weights(fitter.global_fit(general))
-    r_global = fitter.residual(general, fitter.global_fit(general))
+    r_global = fitter.residual(general, values_of(general, fitter.global_fit(general)))
     per_block = fitter.block_fits(general)
-    r_blocks = fitter.residual(general, per_block)
+    r_blocks = fitter.residual(general, values_of(general, per_block))
     floor = relative(fitter.total.rounding, fitter.c)
 
-    # the simplest op whose residual is about the free fit's
+    # the simplest op whose residual (of the recipe it writes) is about the free fit's
     best = r_blocks if blocks else r_global
     scored = []
     for form in all_forms(k):
         theta = fitter.block_fits(form) if blocks else fitter.global_fit(form)
-        scored.append((COMPLEXITY[form.op], fitter.residual(form, theta), form, theta))
+        scored.append((COMPLEXITY[form.op], fitter.residual(form, values_of(form, theta)), form, theta))
     limit = SIMPLER_SLACK[0] * best + SIMPLER_SLACK[1]
     _, r_form, form, theta = min((s for s in scored if s[1] <= limit), key=lambda s: (s[0], s[1]))
     form, theta = _oriented(form, theta, fitter)
 
-    kept = _kept_buckets(res, k)
-    theta_global = fitter.global_fit(form)
-    values = _bucket_values(form, theta, theta_global, kept, res.order)
-    values, r_form = _round_values(form, values, fitter, blocks, r_form)
+    values = values_of(form, theta)
+    values, r_form = _round_values(form, values, fitter, blocks)
 
     kept_note = {b: short[c[0]] for b, c in kept.items()}
     op_names = [short[j] for j in form.models]
@@ -225,39 +254,26 @@ def _bucket_values(form: Form, theta, theta_global: np.ndarray, kept: dict[str, 
     return out
 
 
-def _round_values(form: Form, values: dict[str, list[float]], fitter: _Fitter, blocks: bool,
-                  r_fit: float) -> tuple[dict[str, list[float]], float]:
+def _round_values(form: Form, values: dict[str, list[float]], fitter: _Fitter,
+                  blocks: bool) -> tuple[dict[str, list[float]], float]:
     """Values with as few decimals (2, 3, 4 or 6) as cost at most 1% of the residual or a tenth of the expected
-    rounding error (bucket by bucket with --blocks), and the residual they give: a merge made with round weights
-    is written with those weights."""
+    rounding error (bucket by bucket with --blocks), and the residual of exactly those values over every compared
+    tensor: a merge made with round weights is written with those weights, and the residual reported is the one
+    the written recipe gives."""
     out = {b: [float(x) for x in rounded(v, 6)] for b, v in values.items()}
     groups = [[b] for b in fitter.data] if blocks else [list(values)]
     for group in groups:
-        probe = group[0] if blocks else fitter.data[0]
-        target = _error(form, values[probe], fitter, probe if blocks else None)
-        floor = (fitter.res.buckets[probe] if blocks else fitter.total).rounding  # expected squared rounding error
+        def err(vals: dict[str, list[float]]) -> float:
+            return sum(fitter.bucket_error(b, _candidate_weights(form, vals[b])) for b in group)
+
+        target = err(values)
+        floor = fitter.res.buckets[group[0]].rounding if blocks else fitter.total.rounding  # expected squared rounding error
         for decimals in (2, 3, 4):
             trial = {b: [float(x) for x in rounded(values[b], decimals)] for b in group}
-            if _error(form, trial[probe], fitter, probe if blocks else None) <= target + max(0.0201 * target, 0.1 * floor):
+            if err(trial) <= target + max(0.0201 * target, 0.1 * floor):
                 out.update(trial)
                 break
-    if blocks:
-        err = sum(_error(form, out[b], fitter, b) for b in fitter.data)
-    else:
-        err = _error(form, out[fitter.data[0]], fitter, None)
-    return out, relative(err, fitter.c)
-
-
-def _error(form: Form, v: list[float], fitter: _Fitter, bucket: str | None) -> float:
-    """Squared residual of op values `v` in one bucket, or over every fitted tensor (bucket None)."""
-    if form.op == "linear":
-        u = np.zeros(form.k)
-        for j, w in zip(form.models, v):
-            u[j] = w
-    else:
-        u = form.weights(np.asarray(v))
-    gram = fitter.total.gram if bucket is None else fitter.res.buckets[bucket].gram
-    return abs_residual(gram, u)
+    return out, fitter.residual(form, out)
 
 
 def _main_dtype(m: Member):

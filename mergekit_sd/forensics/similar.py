@@ -1,6 +1,6 @@
 """`sdbuild similar`: rank models by relative distance |MODEL - X| / |MODEL|, globally and per block.
 
-One pass over MODEL and every candidate (stream.py, differences from MODEL in fp64): the distance of X is the
+One pass over MODEL and every candidate (stream.py, differences from MODEL, sums in fp64): the distance of X is the
 square root of its diagonal Gram entry over MODEL's squared norm, summed over all compared tensors or one block's.
 """
 

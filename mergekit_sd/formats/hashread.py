@@ -5,7 +5,8 @@ its xxh3 tensor digest (the content digest) and to the file's sha256. The sha256
 the build reads in name order, so tensors that arrive early are held until the bytes before them have been hashed;
 should more than `hold_limit` bytes wait, the held tensors are dropped and the sha256 is finished by reading the
 rest of the file in order at the end. `finish` reads what the build never asked for. Tensors handed out must not be
-modified in place (no op does: the writer relies on the same rule).
+modified in place (no op does: the writer relies on the same rule). With `inline` (a build on one thread) the
+hashing runs on the reading thread instead of a thread of its own.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SEQUENTIAL_CHUNK = 16 << 20
 class HashingReader:
     """Serves a file's tensors to a build and returns its (content digest, sha256) once the build is done."""
 
-    def __init__(self, sf: SafetensorsFile, hold_limit: int = HOLD_LIMIT):
+    def __init__(self, sf: SafetensorsFile, hold_limit: int = HOLD_LIMIT, inline: bool = False):
         self.sf = sf
         self.hold_limit = hold_limit
         self.digests: dict[str, bytes] = {}
@@ -51,8 +52,10 @@ class HashingReader:
         self._sequential = False  # too much waited: finish the sha256 by reading in order
         self._q: queue.Queue = queue.Queue(maxsize=4)
         self._failure: list[BaseException] = []
+        self._inline = inline
         self._thread = threading.Thread(target=self._run, name="sdbuild-input-hash", daemon=True)
-        self._thread.start()
+        if not inline:
+            self._thread.start()
 
     # -- serving ------------------------------------------------------------------------------------------------
 
@@ -61,7 +64,13 @@ class HashingReader:
         with self._lock:
             first = name not in self._offered
             self._offered.add(name)
-        if first:
+        if first and self._inline:
+            if not self._failure:
+                try:
+                    self._hash(name, t)
+                except BaseException as e:
+                    self._failure.append(e)
+        elif first:
             self._q.put((name, t))
         return t
 
@@ -122,8 +131,9 @@ class HashingReader:
         for name in sorted(self.sf.specs, key=lambda n: self.sf.offsets[n]):
             if name not in self._offered:
                 self.read(name)
-        self._q.put(None)
-        self._thread.join()
+        if not self._inline:
+            self._q.put(None)
+            self._thread.join()
         if self._failure:
             raise self._failure[0]
         end = self.sf.size - self.sf.data_start

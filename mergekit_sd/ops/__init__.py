@@ -139,11 +139,13 @@ def op_defaults(name: str) -> dict[str, Any] | None:
 DTYPE_FIELD = Field("dtype", "dtype", None, ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2"), "output dtype of float tensors (default: the first model's; fp8 only when asked)")
 
 
-def pick_device(name: str) -> torch.device:
-    """The device math runs on (cpu or cuda); exit 2 when CUDA is asked for and absent, or the name is unknown."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
+def pick_device(name: str, cuda_available: Callable[[], bool] = torch.cuda.is_available) -> torch.device:
+    """The device math runs on: cpu, cuda (exit 2 when absent), or auto (cuda where one exists, else cpu)."""
+    if name == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    if name.startswith("cuda") and not cuda_available():
         raise UserError(f"--device {name}: no CUDA device is available here")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or auto") from None

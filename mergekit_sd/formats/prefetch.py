@@ -42,18 +42,22 @@ def intra_op_threads(workers: int) -> int:
     return 1
 
 
-def batches(model: LazyModel, names: list[str], batch_bytes: int = BATCH_BYTES) -> list[list[str]]:
-    """Consecutive names grouped so that each group is one tensor of at least `batch_bytes` or many small ones."""
+def batches(model: LazyModel, names: list[str], batch_bytes: int = BATCH_BYTES, cost: dict[str, int] | None = None,
+            max_cost: int | None = None) -> list[list[str]]:
+    """Consecutive names grouped so that each group is one tensor of at least `batch_bytes` or many small ones
+    (whose summed `cost`, when given, stays within `max_cost`: a batch never needs more than its share of a budget)."""
     out: list[list[str]] = []
     cur: list[str] = []
-    size = 0
+    size = spent = 0
     for n in names:
         nb = model.spec(n).nbytes
-        if cur and (size + nb > batch_bytes or len(cur) >= BATCH_COUNT):
+        c = cost[n] if cost is not None else 0
+        if cur and (size + nb > batch_bytes or len(cur) >= BATCH_COUNT or (max_cost is not None and spent + c > max_cost)):
             out.append(cur)
-            cur, size = [], 0
+            cur, size, spent = [], 0, 0
         cur.append(n)
         size += nb
+        spent += c
     if cur:
         out.append(cur)
     return out
@@ -101,7 +105,7 @@ def produce_ahead(model: LazyModel, names: list[str], workers: int | None = None
             hand_back()
         return
 
-    groups = batches(model, names)
+    groups = batches(model, names, cost=cost, max_cost=max(1, budget.limit // (2 * workers)))
     costs = [sum(cost[n] for n in g) for g in groups]
     outs = [sum(out_bytes[n] for n in g) for g in groups]
     # torch's thread count is per thread: workers take the caller's (a fresh thread would use every core)

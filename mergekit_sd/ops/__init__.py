@@ -50,6 +50,8 @@ class OpContext:
     input_names: list[str] = field(default_factory=list)
     # input labels for messages (file names)
     input_labels: list[str] = field(default_factory=list)
+    # brings a host tensor to `device` in its own dtype (None: ops.transfer.host_to_device(device))
+    to_device: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def warn(self, message: str) -> None:
         self.log.append(message)

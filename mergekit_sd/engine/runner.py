@@ -229,8 +229,11 @@ class Runner:
         where = self.recipe.where("steps", name)
         reuse = self.store.find_compute(ck) if ck else None
         self._hashing = {}
+        budget = MemoryBudget(self.tensor_budget, warn=lambda msg: self.progress.warn(f"{name}: {msg}"))
         try:
             inputs = [self.open_node(r) for r in step.refs]
+            for reader in self._hashing.values():  # tensors waiting for the input hashers count too
+                reader.budget = budget
             kinds = op.kinds(dict(step.params))
             for r, m, want in zip(step.refs, inputs, kinds):
                 _check_kind(r, m, want, name, where)
@@ -274,7 +277,6 @@ class Runner:
 
             self._require_space(name, header_size(model, metadata))
 
-            budget = MemoryBudget(self.tensor_budget, warn=lambda msg: self.progress.warn(f"{name}: {msg}"))
             report.step(name, device=self.device.type)
 
             def write(tmp: Path):

@@ -18,6 +18,7 @@ import threading
 from typing import Callable
 
 MIN_TENSOR_BUDGET = 64 << 20  # what tensors get when the process alone is already at (or over) the limit
+OVERHEAD = 16 << 20  # not tensors: worker stacks, queues, the allocator's slack
 
 
 class MemoryBudget:
@@ -57,6 +58,13 @@ class MemoryBudget:
             self._cond.wait_for(lambda: self._fits(n))
             self._grant(n, label)
 
+    def take(self, n: int) -> None:
+        """Count `n` bytes at once, even past the limit: memory that already exists (a tensor handed from one
+        holder to another); later requests wait until it is released."""
+        with self._cond:
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
     def release(self, n: int) -> None:
         with self._cond:
             self.used -= n
@@ -73,18 +81,21 @@ def process_rss() -> int:
 
 
 def for_tensors(max_memory: int) -> int:
-    """The part of a whole-process limit left for tensors: the limit minus what the process holds already."""
-    return max(MIN_TENSOR_BUDGET, max_memory - process_rss())
+    """The part of a whole-process limit left for tensors: the limit minus what the process holds already (torch
+    and Python, ~220 MiB) and a little for what is not a tensor."""
+    return max(MIN_TENSOR_BUDGET, max_memory - process_rss() - OVERHEAD)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
 def return_freed_memory() -> None:
     """Ask glibc to give large freed buffers back to the system at once. By default its mmap threshold grows to
     the largest block ever freed, after which tensor-sized buffers come from per-thread heaps that keep their pages
     after `free`, so a budget-bounded working set would still grow the process; a fixed 1 MiB threshold keeps every
-    tensor buffer in its own mapping. Harmless elsewhere (no glibc: nothing happens)."""
+    tensor buffer in its own mapping. Small tensors still come from the heaps, and glibc gives each thread a heap
+    of its own (up to 8 per core), each keeping freed pages: two heaps for the whole pool keep that slack small.
+    Harmless elsewhere (no glibc: nothing happens)."""
     name = ctypes.util.find_library("c")
     if not name:
         return
@@ -92,5 +103,6 @@ def return_freed_memory() -> None:
         libc = ctypes.CDLL(name)
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 8 << 20)
+        libc.mallopt(_M_ARENA_MAX, 2)
     except (OSError, AttributeError):
         pass

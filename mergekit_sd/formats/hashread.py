@@ -6,7 +6,9 @@ the build reads in name order, so tensors that arrive early are held until the b
 should more than `hold_limit` bytes wait, the held tensors are dropped and the sha256 is finished by reading the
 rest of the file in order at the end. `finish` reads what the build never asked for. Tensors handed out must not be
 modified in place (no op does: the writer relies on the same rule). With `inline` (a build on one thread) the
-hashing runs on the reading thread instead of a thread of its own.
+hashing runs on the reading thread instead of a thread of its own. With a `budget` (formats.budget), a tensor
+waiting to be hashed (or held for the sha256) keeps its bytes counted until it is let go, so a hasher that falls
+behind the readers makes them wait instead of growing the process.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 import torch
 import xxhash
 
+from mergekit_sd.formats.budget import MemoryBudget
 from mergekit_sd.formats.safetensors import (
     SafetensorsFile,
     _pread_all,
@@ -34,8 +37,10 @@ SEQUENTIAL_CHUNK = 16 << 20
 class HashingReader:
     """Serves a file's tensors to a build and returns its (content digest, sha256) once the build is done."""
 
-    def __init__(self, sf: SafetensorsFile, hold_limit: int = HOLD_LIMIT, inline: bool = False):
+    def __init__(self, sf: SafetensorsFile, hold_limit: int = HOLD_LIMIT, inline: bool = False,
+                 budget: MemoryBudget | None = None):
         self.sf = sf
+        self.budget = budget
         self.hold_limit = hold_limit
         self.digests: dict[str, bytes] = {}
         self._offered: set[str] = set()
@@ -71,8 +76,14 @@ class HashingReader:
                 except BaseException as e:
                     self._failure.append(e)
         elif first:
+            if self.budget is not None:  # counted twice until the reader's own reservation ends: never too little
+                self.budget.take(self.sf.specs[name].nbytes)
             self._q.put((name, t))
         return t
+
+    def _let_go(self, nbytes: int) -> None:
+        if self.budget is not None and not self._inline:
+            self.budget.release(nbytes)
 
     def lazy(self) -> LazyModel:
         return LazyModel(self.sf.specs, self.read, self.sf.metadata, label=self.sf.path.name)
@@ -83,10 +94,11 @@ class HashingReader:
         try:
             while (item := self._q.get()) is not None:
                 self._hash(*item)
+                item = None  # not kept alive while waiting for the next one
         except BaseException as e:
             self._failure.append(e)
-            while self._q.get() is not None:  # drain so readers never block
-                pass
+            while (item := self._q.get()) is not None:  # drain so readers never block
+                self._let_go(self.sf.specs[item[0]].nbytes)
 
     def _hash(self, name: str, t: torch.Tensor) -> None:
         spec = self.sf.specs[name]
@@ -96,19 +108,25 @@ class HashingReader:
         self.digests[name] = h.digest()
         b, e = self.sf.offsets[name]
         if self._sequential or e == b:
+            self._let_go(spec.nbytes)
             return
         if b != self._pos:
             self._held[b] = (e, data, t)
             self._held_bytes += e - b
             if self._held_bytes > self.hold_limit:
                 self._held.clear()
+                self._let_go(self._held_bytes)
+                self._held_bytes = 0
                 self._sequential = True
             return
         self._feed(e, data)
+        self._let_go(spec.nbytes)
         while self._pos in self._held:
             e2, d2, _ = self._held.pop(self._pos)
-            self._held_bytes -= e2 - self._pos
+            size = e2 - self._pos
+            self._held_bytes -= size
             self._feed(e2, d2)
+            self._let_go(size)
 
     def _feed(self, end: int, data: memoryview) -> None:
         self.sha.update(data)

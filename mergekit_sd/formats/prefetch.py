@@ -101,6 +101,7 @@ def produce_ahead(model: LazyModel, names: list[str], workers: int | None = None
                 budget.release(cost[n] - out_bytes[n])
                 handed.append(out_bytes[n])
                 yield n, t
+                del t  # released bytes must be free bytes: hold no reference past the hand-back
         finally:
             hand_back()
         return
@@ -140,10 +141,14 @@ def produce_ahead(model: LazyModel, names: list[str], workers: int | None = None
             except BaseException:
                 budget.release(outs[i])
                 raise
-            for n, t in zip(groups[i], tensors):
+            del fut  # the future keeps its result alive
+            tensors.reverse()
+            for n in groups[i]:
+                t = tensors.pop()  # released bytes must be free bytes: no list or variable keeps a handed tensor
                 hand_back()
                 handed.append(out_bytes[n])
                 yield n, t
+                del t
     finally:
         hand_back()
         for _, fut in pending:

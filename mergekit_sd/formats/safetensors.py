@@ -310,6 +310,7 @@ class _Consumer:
         try:
             while (item := self.q.get()) is not None:
                 self._apply(*item)
+                item = None  # not kept alive while waiting for the next one
         except BaseException as e:
             self.failure.append(e)
             while (item := self.q.get()) is not None:  # drain so the producer never blocks
@@ -442,6 +443,7 @@ def write_model(
                 handover.start(n)
                 for c in consumers:
                     c.put((n, t))
+                del t
                 if on_tensor:
                     on_tensor(n)
         finally:

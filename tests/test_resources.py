@@ -277,3 +277,21 @@ def test_the_kernel_moves_inputs_in_their_stored_dtype_and_widens_on_the_device(
         staged = build_merge(method, ms, dict(params), OpContext(step="s", to_device=move)).get("w")
         assert moved == [torch.float16] * len(ms)
         assert torch.equal(plain, staged)
+
+
+def test_gpu_bounds_table_matches_the_docs_and_covers_every_method():
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from mergekit_sd.methods import load_methods
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = (root / "docs" / "performance.md").read_text(encoding="utf-8")
+    section = doc[doc.index("### CPU and GPU agreement"):doc.index("## 5.")]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([0-9e.-]+) \|", section, re.M))
+    assert {k: float(v) for k, v in rows.items()} == mod.BOUNDS
+    assert set(load_methods()) <= set(mod.BOUNDS)

@@ -295,3 +295,26 @@ def test_gpu_bounds_table_matches_the_docs_and_covers_every_method():
     rows = dict(re.findall(r"^\| `(\w+)` \| ([0-9e.-]+) \|", section, re.M))
     assert {k: float(v) for k, v in rows.items()} == mod.BOUNDS
     assert set(load_methods()) <= set(mod.BOUNDS)
+
+
+def test_tensors_held_for_the_sha256_never_keep_the_budget(tmp_path):
+    """A tensor read before the bytes that precede it in the file waits for the sha256, perhaps until the step's
+    end (a tensor the step never reads): it must not hold the budget, or later work would wait forever."""
+    from mergekit_sd.formats.hashread import HashingReader
+    from mergekit_sd.formats.safetensors import file_content_digest
+
+    path = tmp_path / "m.safetensors"
+    write_model(path, from_tensors({n: torch.full((50_000,), float(i)) for i, n in enumerate("abc")}), {})
+    budget = MemoryBudget(1 << 20)
+    reader = HashingReader(SafetensorsFile(path), budget=budget)
+    try:
+        for n in ("b", "c"):  # "a" comes first in the file and is never read by the "step"
+            reader.read(n)
+        for _ in range(500):
+            if budget.used == 0:
+                break
+            time.sleep(0.01)
+        assert budget.used == 0 and budget.peak >= 200_000
+        assert reader.finish() == file_content_digest(path)
+    finally:
+        reader.close()

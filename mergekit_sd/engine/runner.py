@@ -234,6 +234,7 @@ class Runner:
             inputs = [self.open_node(r) for r in step.refs]
             for reader in self._hashing.values():  # tensors waiting for the input hashers count too
                 reader.budget = budget
+                reader.hold_limit = min(reader.hold_limit, budget.limit // 8)
             kinds = op.kinds(dict(step.params))
             for r, m, want in zip(step.refs, inputs, kinds):
                 _check_kind(r, m, want, name, where)

@@ -7,8 +7,9 @@ should more than `hold_limit` bytes wait, the held tensors are dropped and the s
 rest of the file in order at the end. `finish` reads what the build never asked for. Tensors handed out must not be
 modified in place (no op does: the writer relies on the same rule). With `inline` (a build on one thread) the
 hashing runs on the reading thread instead of a thread of its own. With a `budget` (formats.budget), a tensor
-waiting to be hashed (or held for the sha256) keeps its bytes counted until it is let go, so a hasher that falls
-behind the readers makes them wait instead of growing the process.
+waiting to be hashed keeps its bytes counted until hashed, so a hasher that falls behind the readers makes them
+wait instead of growing the process. Tensors held for the sha256 are bounded by `hold_limit` instead (set to a
+share of the budget by the runner): they may wait for a tensor the build reads only at the end.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class HashingReader:
         self.hold_limit = hold_limit
         self.digests: dict[str, bytes] = {}
         self._offered: set[str] = set()
+        self._counted: set[str] = set()  # queued tensors whose bytes the budget holds
         self._lock = threading.Lock()
         self.sha = hashlib.sha256(sf.header_bytes)
         # tensors with bytes, in file order; bytes between them (rare) are read when the sha256 reaches them
@@ -77,13 +79,20 @@ class HashingReader:
                     self._failure.append(e)
         elif first:
             if self.budget is not None:  # counted twice until the reader's own reservation ends: never too little
+                with self._lock:
+                    self._counted.add(name)
                 self.budget.take(self.sf.specs[name].nbytes)
             self._q.put((name, t))
         return t
 
-    def _let_go(self, nbytes: int) -> None:
-        if self.budget is not None and not self._inline:
-            self.budget.release(nbytes)
+    def _let_go(self, name: str) -> None:
+        """Give a queued tensor's bytes back to the budget (once, whatever path it took)."""
+        with self._lock:
+            if name not in self._counted:
+                return
+            self._counted.discard(name)
+        if self.budget is not None:
+            self.budget.release(self.sf.specs[name].nbytes)
 
     def lazy(self) -> LazyModel:
         return LazyModel(self.sf.specs, self.read, self.sf.metadata, label=self.sf.path.name)
@@ -91,14 +100,17 @@ class HashingReader:
     # -- hashing (own thread) -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        item = None
         try:
             while (item := self._q.get()) is not None:
                 self._hash(*item)
                 item = None  # not kept alive while waiting for the next one
         except BaseException as e:
             self._failure.append(e)
+            if item is not None:
+                self._let_go(item[0])
             while (item := self._q.get()) is not None:  # drain so readers never block
-                self._let_go(self.sf.specs[item[0]].nbytes)
+                self._let_go(item[0])
 
     def _hash(self, name: str, t: torch.Tensor) -> None:
         spec = self.sf.specs[name]
@@ -108,25 +120,26 @@ class HashingReader:
         self.digests[name] = h.digest()
         b, e = self.sf.offsets[name]
         if self._sequential or e == b:
-            self._let_go(spec.nbytes)
+            self._let_go(name)
             return
         if b != self._pos:
+            # held for the sha256 until the bytes before it arrive, which may be only at `finish` (a tensor the
+            # build never reads): held bytes leave the budget, or work would wait for them forever; `hold_limit`
+            # bounds them instead
+            self._let_go(name)
             self._held[b] = (e, data, t)
             self._held_bytes += e - b
             if self._held_bytes > self.hold_limit:
                 self._held.clear()
-                self._let_go(self._held_bytes)
                 self._held_bytes = 0
                 self._sequential = True
             return
         self._feed(e, data)
-        self._let_go(spec.nbytes)
+        self._let_go(name)
         while self._pos in self._held:
             e2, d2, _ = self._held.pop(self._pos)
-            size = e2 - self._pos
-            self._held_bytes -= size
+            self._held_bytes -= e2 - self._pos
             self._feed(e2, d2)
-            self._let_go(size)
 
     def _feed(self, end: int, data: memoryview) -> None:
         self.sha.update(data)

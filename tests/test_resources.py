@@ -318,3 +318,24 @@ def test_tensors_held_for_the_sha256_never_keep_the_budget(tmp_path):
         assert reader.finish() == file_content_digest(path)
     finally:
         reader.close()
+
+
+def test_one_job_runs_the_pipeline_on_one_thread(tmp_path, model_dir, sdbuild, monkeypatch):
+    started = []
+    real_start = threading.Thread.start
+
+    def start(self, *a, **k):
+        started.append(self.name)
+        return real_start(self, *a, **k)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    for jobs in ("1", "2"):
+        started.clear()
+        d = tmp_path / jobs
+        rp = _recipe(d, model_dir)
+        assert sdbuild("build", rp, "ws", "ties", "-q", "-j", jobs, "--cache-dir", d / "cache").code == 0
+        ours = [n for n in started if n.startswith("sdbuild")]
+        if jobs == "1":
+            assert ours == [] and torch.get_num_threads() == 1
+        else:
+            assert any(n.startswith("sdbuild-compute") for n in ours) and "sdbuild-writer" in ours

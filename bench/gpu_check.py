@@ -1,8 +1,8 @@
 """Device check: every merge method on CUDA against the CPU on a small synthetic SD1 model.
 
-Run only where a GPU exists:  python bench/gpu_check.py [--factor 16] [--tol 1e-5]
-Prints one line per method (`name: max_abs_diff`) and exits 1 when a method's results differ beyond fp32 tolerance
-(relative to the tensor's scale) or when DARE's masks differ at all (they are drawn on the CPU for every device).
+Run only where a GPU exists:  python bench/gpu_check.py [--factor 16]
+Prints one line per method (`name: worst |cuda - cpu| / (1 + |cpu|)` and its bound) and exits 1 when a method
+differs beyond its own bound (BOUNDS, the same table as docs/performance.md, "CPU and GPU agreement").
 """
 
 from __future__ import annotations
@@ -22,8 +22,31 @@ from mergekit_sd.ops import OpContext  # noqa: E402
 from mergekit_sd.ops.merge import build_merge  # noqa: E402
 from mergekit_sd.synth.models import synth_tensors  # noqa: E402
 
-# tensors whose merged value is a selection (swaps, medians) or exact copies must agree exactly
-EXACT = {"tensor_swap", "tensor_swap2", "self_scale"}
+# worst |cuda - cpu| / (1 + |cpu|) each method may show on fp32 inputs; why, in docs/performance.md
+BOUNDS = {
+    "tensor_swap": 0.0,  # selections and exact copies
+    "tensor_swap2": 0.0,
+    "self_scale": 0.0,  # one multiplication, correctly rounded on both
+    "weighted_sum": 1e-6,  # elementwise: a fused multiply-add may round once instead of twice
+    "add_difference": 1e-6,
+    "triple_sum": 1e-6,
+    "sum_twice": 1e-6,
+    "linear": 1e-6,
+    "n_average": 1e-6,
+    "sigmoid": 1e-6,
+    "inverse_sigmoid": 1e-6,
+    "train_difference": 1e-6,
+    "add_difference_dare": 1e-6,  # the masks are drawn on the CPU for every device: identical
+    "add_difference_ties": 1e-6,  # thresholds from integer histograms: identical; the mean is elementwise
+    "slerp": 1e-6,  # fp64 chunk sums: the factors agree to ~1e-15
+    "model_stock": 1e-6,
+    "geometric_median": 1e-5,  # fixed steps, fp64 distances; fp32 rounding compounds over the steps
+    "extract_merge": 1e-5,  # fp32 row cosines, then a power
+    "smooth_add": 1e-5,  # convolution order differs on the GPU
+    "cosine_a": 1e-4,  # fp32 whole-tensor cosines, rescaled by the model's similarity range
+    "cosine_b": 1e-4,
+}
+DEFAULT_BOUND = 2e-5  # a method without an entry (a plugin)
 
 
 def run(method, models, params, device) -> dict[str, torch.Tensor]:
@@ -35,7 +58,7 @@ def run(method, models, params, device) -> dict[str, torch.Tensor]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--factor", type=int, default=16)
-    ap.add_argument("--tol", type=float, default=2e-5, help="allowed |cuda - cpu| / (1 + |cpu|), in fp32")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every bound (e.g. 0 to demand identical results)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -63,11 +86,11 @@ def main() -> int:
                 continue
             rel = ((g.double() - c.double()).abs() / (1 + c.double().abs())).max().item() if c.numel() else 0.0
             worst = max(worst, rel)
-        limit = 0.0 if name in EXACT else args.tol
+        limit = BOUNDS.get(name, DEFAULT_BOUND) * args.scale
         status = "ok" if worst <= limit else "FAIL"
         if status != "ok":
             failed.append(name)
-        print(f"{name}: {worst:.3g} ({status}; cpu {t1 - t0:.2f}s, {args.device} {t2 - t1:.2f}s)", flush=True)
+        print(f"{name}: {worst:.3g} (bound {limit:.0e}, {status}; cpu {t1 - t0:.2f}s, {args.device} {t2 - t1:.2f}s)", flush=True)
     print(f"failed: {len(failed)}" + (f" ({', '.join(failed)})" if failed else ""))
     return 1 if failed else 0
 

@@ -79,11 +79,13 @@ class LazyModel:
         info: ModelInfo | None = None,
         ranger: Callable[[str, int, int], torch.Tensor] | None = None,
         key_inputs: Callable[[str], KeyInputs | None] | None = None,
+        coster: Callable[[str], int] | None = None,
     ):
         self._specs = dict(specs)
         self._producer = producer
         self._ranger = ranger
         self._key_inputs = key_inputs
+        self._coster = coster
         self.metadata: dict[str, str] = dict(metadata or {})
         self.label = label
         self.info = info if info is not None else ModelInfo()
@@ -117,6 +119,14 @@ class LazyModel:
         if self._ranger is not None:
             return self._ranger(name, start, stop)
         return self._producer(name).reshape(-1)[start:stop]
+
+    def cost(self, name: str) -> int:
+        """Bytes producing `name` holds at its peak (inputs read, working copies, the result): what a memory budget
+        reserves before the work starts. An estimate; ops that know better say so through `coster`."""
+        if self._coster is not None:
+            return self._coster(name)
+        s = self._specs[name]
+        return 2 * s.nbytes + 4 * s.numel  # read, result and one fp32 working copy
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: s.shape for k, s in self._specs.items()}

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from mergekit_sd.cli.common import add_build_options, add_common, add_remote_options, cache_dir, command, options, remote_url
+from mergekit_sd.cli.common import add_build_options, add_common, add_remote_options, cache_dir, command, options, remote_url, resources
 from mergekit_sd.engine import stamp
 
 
@@ -16,7 +16,7 @@ def add_parsers(sub) -> None:
     b = sub.add_parser("build", help="build a recipe's outputs (default command)")
     add_build_options(b)
     b.add_argument("nodes", nargs="*", help="build only these nodes and what they need")
-    b.add_argument("--device", default="cpu", help="where merge math runs: cpu (default) or cuda")
+    b.add_argument("--device", default="cpu", help="where merge math runs: cpu (default), cuda, or auto (cuda where one exists)")
     b.add_argument("--locked", action="store_true", help="refuse inputs that differ from RECIPE.lock")
     add_remote_options(b)
     b.add_argument("--strict", action="store_true", help="a licence conflict in an output's model card is an error (exit 2)")
@@ -40,6 +40,7 @@ def add_parsers(sub) -> None:
 
 @command("build")
 def cmd_build(args: argparse.Namespace) -> int:
+    resources(args)  # a bad -j or --max-memory is an error even when there is nothing to build
     cache = cache_dir(args)
     key = stamp.stamp_key(args.recipe, {"nodes": args.nodes, "out_dir": os.path.abspath(args.out_dir) if args.out_dir else None,
                                         "cache": os.path.abspath(cache), "models": [os.path.abspath(m) for m in args.models],

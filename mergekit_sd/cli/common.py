@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from mergekit_sd.engine.options import REMOTE_ENV, Options, default_cache_dir
+from mergekit_sd.engine.options import REMOTE_ENV, Options, default_cache_dir, jobs_from, max_memory_from
 from mergekit_sd.engine.progress import Progress
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -37,6 +37,20 @@ def add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, action="append", default=[], help="folder to find inputs in by name or sha256 (repeatable)")
     p.add_argument("--out-dir", type=Path, default=None, help="write outputs here instead of beside the recipe")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+    add_resource_options(p)
+
+
+def add_resource_options(p: argparse.ArgumentParser) -> None:
+    """How much of the machine a build uses; results never depend on these."""
+    p.add_argument("-j", "--jobs", default=None, metavar="N",
+                   help="worker threads for hashing, reading, computing and writing (default: $SDBUILD_JOBS, else one per core)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the build may use, e.g. 512M, 2G, 1.5GiB (default: $SDBUILD_MAX_MEMORY, else 1G)")
+
+
+def resources(args: argparse.Namespace) -> tuple[int | None, int]:
+    """(jobs, max memory in bytes) from the options or the environment; a bad value is exit 2, one line."""
+    return jobs_from(getattr(args, "jobs", None)), max_memory_from(getattr(args, "max_memory", None))
 
 
 def add_remote_options(p: argparse.ArgumentParser) -> None:
@@ -54,7 +68,8 @@ def cache_dir(args: argparse.Namespace) -> Path:
 
 
 def options(args: argparse.Namespace) -> Options:
-    return Options(cache_dir=cache_dir(args), out_dir=getattr(args, "out_dir", None), models=list(getattr(args, "models", [])),
+    jobs, max_memory = resources(args)
+    return Options(jobs=jobs, max_memory=max_memory, cache_dir=cache_dir(args), out_dir=getattr(args, "out_dir", None), models=list(getattr(args, "models", [])),
                    device=getattr(args, "device", "cpu"), quiet=args.quiet, progress=Progress(args.quiet),
                    remote=remote_url(args), remote_endpoint=getattr(args, "remote_endpoint", None),
                    remote_read_only=getattr(args, "remote_read_only", False),

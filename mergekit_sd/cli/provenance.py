@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from mergekit_sd.cli.common import add_build_options, add_common, add_remote_options, cache_dir, command, emit_text, options
+from mergekit_sd.cli.common import (add_build_options, add_common, add_remote_options, add_resource_options, cache_dir, command,
+                                   emit_text, options, resources)
 from mergekit_sd.formats.atomic import write_text
 
 
@@ -21,8 +22,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--models", type=Path, action="append", default=[], help="folder to find inputs in by digest or sha256 (repeatable)")
     r.add_argument("--cache-dir", type=Path, default=None, help="cache whose memo database indexes the folders")
     r.add_argument("--keep", type=Path, default=None, help="keep the scratch build in this folder")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (cuda where one exists)")
     r.add_argument("--json", action="store_true")
+    add_resource_options(r)
     r.add_argument("--fetch", action="store_true", help="download missing inputs by their recorded url (verified by sha256) into the first --models folder")
     add_common(r)
 
@@ -41,7 +43,7 @@ def add_parsers(sub) -> None:
     lk = sub.add_parser("lock", help="build, then write RECIPE.lock with input and output digests")
     add_build_options(lk)
     add_remote_options(lk)
-    lk.add_argument("--device", default="cpu")
+    lk.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (cuda where one exists)")
     add_common(lk)
 
 
@@ -49,7 +51,9 @@ def add_parsers(sub) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from mergekit_sd.engine.reproduce import reproduce
 
-    rep = reproduce(args.file, list(args.models), cache_dir(args), keep=args.keep, device=args.device, fetch_missing=args.fetch)
+    jobs, max_memory = resources(args)
+    rep = reproduce(args.file, list(args.models), cache_dir(args), keep=args.keep, device=args.device, fetch_missing=args.fetch,
+                    jobs=jobs, max_memory=max_memory)
     if args.json:
         print(json.dumps(rep.as_json(), indent=2, sort_keys=True))
     elif not args.quiet:

@@ -22,7 +22,7 @@ from mergekit_sd import TOOL
 from mergekit_sd.errors import UserError, VerifyError
 from mergekit_sd.engine.inputs import find_recorded
 from mergekit_sd.engine.memo import digest_file
-from mergekit_sd.engine.options import Options, model_dirs
+from mergekit_sd.engine.options import DEFAULT_MAX_MEMORY, Options, model_dirs
 from mergekit_sd.engine.planner import Planner
 from mergekit_sd.engine.progress import Progress
 from mergekit_sd.engine.runner import Runner
@@ -69,7 +69,8 @@ class ReproduceReport:
 
 
 def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.PathLike, keep: str | os.PathLike | None = None,
-              device: str = "cpu", fetch_missing: bool = False) -> ReproduceReport:
+              device: str = "cpu", fetch_missing: bool = False, jobs: int | None = None,
+              max_memory: int = DEFAULT_MAX_MEMORY) -> ReproduceReport:
     """Rebuild `path` from its embedded recipe and verify it; raises UserError for missing inputs (exit 2) and
     VerifyError when the rebuilt model differs (exit 1, naming the first differing tensors)."""
     path = Path(path)
@@ -124,7 +125,7 @@ def reproduce(path: str | os.PathLike, models: list[Path], cache_dir: str | os.P
         rpath.write_text(text, encoding="utf-8")
         rec = parse_recipe(text, rpath)
         opts = Options(cache_dir=scratch / "cache", out_dir=scratch / "out", models=[], device=device, quiet=True,
-                       progress=Progress(True))
+                       progress=Progress(True), jobs=jobs, max_memory=max_memory)
         planner = Planner(rec, opts)
         for n, p in found.items():  # the memo rows travel with the files: the rebuild reads no input twice for hashing
             real = p.resolve()

@@ -92,7 +92,7 @@ class TensorReuse:
         found = store.db.objects_with_tensor_keys(list(keys.values())) if keys else {}
         self._first = {name: found[tkey] for name, tkey in keys.items() if tkey in found}
         self.model = LazyModel(model.specs, self._produce, model.metadata, model.label, model.info,
-                               key_inputs=model.key_inputs)
+                               key_inputs=model.key_inputs, coster=model.cost)
 
     @property
     def computed(self) -> int:

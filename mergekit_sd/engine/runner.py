@@ -23,6 +23,7 @@ from mergekit_sd.engine.reuse import Digests, TensorReuse, file_tensor_digests, 
 from mergekit_sd.engine.space import require, same_filesystem
 from mergekit_sd.engine.store import materialise
 from mergekit_sd.errors import SdbuildError, StepError, UserError
+from mergekit_sd.formats.budget import MemoryBudget, for_tensors, return_freed_memory
 from mergekit_sd.formats.hashread import HashingReader
 from mergekit_sd.formats.digests import canonical, hash_text, legacy_hash
 from mergekit_sd.formats.open import as_loaded, open_model
@@ -76,7 +77,9 @@ class Runner:
         self.states = planner.states
         self.keys = planner.keys
         self.device = pick_device(planner.options.device)
-        self.workers = default_workers()
+        self.workers = planner.options.jobs or default_workers()
+        return_freed_memory()
+        self.tensor_budget = for_tensors(planner.options.max_memory)  # the limit less torch's own baseline
         planner.hash_while_reading = True
         self._hashing: dict[str, HashingReader] = {}  # inputs the running step hashes as it reads them
         self._pending: dict[str, NodeFacts] = {}  # their facts until the digests are known
@@ -84,6 +87,8 @@ class Runner:
         if self.device.type == "cpu":
             # tensors are computed on `workers` threads at once: each gets a share of the cores, not all of them
             torch.set_num_threads(intra_op_threads(self.workers))
+            if self.workers == 1:
+                _one_interop_thread()
         opts = planner.options
         self.remote = RemoteCache(RemoteStore(opts.remote, opts.remote_endpoint, opts.remote_read_only), self.progress) \
             if opts.remote else None
@@ -97,7 +102,7 @@ class Runner:
     def open_node(self, name: str) -> LazyModel:
         if name in self.recipe.inputs and self.planner.hashed_while_read(name):
             if name not in self._hashing:
-                self._hashing[name] = HashingReader(SafetensorsFile(self.input_path(name)))
+                self._hashing[name] = HashingReader(SafetensorsFile(self.input_path(name)), inline=self.workers <= 1)
             raw = self._hashing[name].lazy()
             m = as_loaded(raw)
             self._as_stored[name] = m is raw
@@ -275,8 +280,12 @@ class Runner:
         where = self.recipe.where("steps", name)
         restamp = self.store.find_compute(ck) if ck else None
         self._hashing = {}
+        budget = MemoryBudget(self.tensor_budget, warn=lambda msg: self.progress.warn(f"{name}: {msg}"))
         try:
             inputs = [self.open_node(r) for r in step.refs]
+            for reader in self._hashing.values():  # tensors waiting for the input hashers count too
+                reader.budget = budget
+                reader.hold_limit = min(reader.hold_limit, budget.limit // 8)
             kinds = op.kinds(dict(step.params))
             for r, m, want in zip(step.refs, inputs, kinds):
                 _check_kind(r, m, want, name, where)
@@ -328,8 +337,10 @@ class Runner:
 
             self._require_space(name, header_size(model, metadata))
 
+            report.step(name, device=self.device.type)
+
             def write(tmp: Path):
-                return write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers,
+                return write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers, budget=budget,
                                    final_metadata=settled if key is None else None, copy_from=tensors.copy_from)
 
             try:
@@ -442,6 +453,14 @@ class Runner:
         if write_card_file(target, text):
             self.progress.line(f"wrote {target}")
 
+
+
+def _one_interop_thread() -> None:
+    """`-j 1`: torch's inter-op pool gets one thread too (possible only before torch first used it)."""
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
 
 
 _PENDING_KEY = "f" * 32  # same width as a real key, so the header keeps its length when the real one replaces it

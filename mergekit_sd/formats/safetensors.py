@@ -23,6 +23,7 @@ import torch
 import xxhash
 
 from mergekit_sd.errors import UserError
+from mergekit_sd.formats.budget import MemoryBudget
 from mergekit_sd.formats.prefetch import DEFAULT_WINDOW, produce_ahead
 from mergekit_sd.lazy import LazyModel, TensorSpec
 
@@ -214,7 +215,8 @@ class SafetensorsFile:
         return buf
 
     def lazy(self) -> LazyModel:
-        return LazyModel(self.specs, self.read, self.metadata, label=self.path.name, ranger=self.read_range)
+        return LazyModel(self.specs, self.read, self.metadata, label=self.path.name, ranger=self.read_range,
+                         coster=lambda n: self.specs[n].nbytes)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -286,29 +288,70 @@ _PLACEHOLDERS = {CONTENT_DIGEST_KEY: "0" * 32, BUFFER_SHA_KEY: "0x" + "0" * 64}
 
 
 class _Consumer:
-    """A thread that applies `fn` to queued (name, tensor) items in order; failures surface on the producer."""
+    """A thread that applies `fn` to queued (name, tensor) items in order; failures surface on the producer.
+    With `inline`, `put` runs `fn` at once on the caller's thread (a build on one thread)."""
 
-    def __init__(self, fn: Callable[[str, torch.Tensor], None], failure: list[BaseException]):
+    def __init__(self, fn: Callable[[str, torch.Tensor], None], failure: list[BaseException], inline: bool = False,
+                 done: Callable[[str], None] | None = None):
+        self.fn, self.failure, self.inline, self.done = fn, failure, inline, done
         self.q: queue.Queue = queue.Queue(maxsize=3)
-        self.fn, self.failure = fn, failure
-        self.thread = threading.Thread(target=self._run, name="sdbuild-writer", daemon=True)
-        self.thread.start()
+        self.thread = None if inline else threading.Thread(target=self._run, name="sdbuild-writer", daemon=True)
+        if self.thread is not None:
+            self.thread.start()
+
+    def _apply(self, name: str, t: torch.Tensor) -> None:
+        try:
+            self.fn(name, t)
+        finally:
+            if self.done is not None:
+                self.done(name)
 
     def _run(self) -> None:
         try:
             while (item := self.q.get()) is not None:
-                self.fn(*item)
+                self._apply(*item)
+                item = None  # not kept alive while waiting for the next one
         except BaseException as e:
             self.failure.append(e)
-            while self.q.get() is not None:  # drain so the producer never blocks
-                pass
+            while (item := self.q.get()) is not None:  # drain so the producer never blocks
+                if self.done is not None:
+                    self.done(item[0])
 
     def put(self, item) -> None:
+        if self.thread is None:
+            try:
+                self._apply(*item)
+            except BaseException as e:
+                self.failure.append(e)
+            return
         self.q.put(item)
 
     def finish(self) -> None:
-        self.q.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.q.put(None)
+            self.thread.join()
+
+
+class _Handover:
+    """Gives a written tensor's bytes back to the budget once every consumer is done with it."""
+
+    def __init__(self, budget: MemoryBudget | None, specs: Mapping[str, TensorSpec], consumers: int):
+        self.budget, self.specs, self.consumers = budget, specs, consumers
+        self.left: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def start(self, name: str) -> None:
+        with self.lock:
+            self.left[name] = self.consumers
+
+    def done(self, name: str) -> None:
+        with self.lock:
+            self.left[name] -= 1
+            last = self.left[name] == 0
+            if last:
+                del self.left[name]
+        if last and self.budget is not None:
+            self.budget.release(self.specs[name].nbytes)
 
 
 def _header_bytes(specs: Mapping[str, TensorSpec], names: list[str], metadata: Mapping[str, str],
@@ -345,6 +388,7 @@ def write_model(
     workers: int | None = None,
     window: int = DEFAULT_WINDOW,
     copy_from: Callable[[str], tuple[int, int] | None] | None = None,
+    budget: MemoryBudget | None = None,
 ) -> WriteResult:
     """Stream `model` into a new safetensors file at `path` (which the caller renames into place).
 
@@ -354,7 +398,9 @@ def write_model(
     header's space, and a header that came out a different length is moved into place at the end.
     Producing runs on `workers` threads ahead of the writer (in name order, at most `window` bytes waiting);
     writing (with the content digest) and the buffer sha256 run on two more, so computation, hashing and the disk
-    overlap. Nothing is fsynced here: durability is the caller's (see formats.atomic and the store).
+    overlap; with `workers=1` everything runs on the calling thread. With `budget`, work in flight and tensors
+    waiting to be written share it (formats.prefetch); a tensor's bytes go back once it is written and hashed.
+    Nothing is fsynced here: durability is the caller's (see formats.atomic and the store).
     `copy_from(name)`, when it gives (file descriptor, offset), says the tensor's bytes (already verified by the
     producer) lie there: they are copied file to file (`os.copy_file_range`, so a filesystem that shares extents
     need not write them again) instead of written from memory.
@@ -384,18 +430,26 @@ def write_model(
             sha.update(tensor_bytes(t))
 
         # two consumers, each in tensor order: the sha256 runs while the other hashes and writes
-        consumers = [_Consumer(fn, failure) for fn in (write_and_digest, buffer_sha)]
-        produced = produce_ahead(model, names, workers, window)
+        inline = workers is not None and workers <= 1
+        handover = _Handover(budget, specs, 2)
+        consumers = [_Consumer(fn, failure, inline, handover.done) for fn in (write_and_digest, buffer_sha)]
+        produced = produce_ahead(model, names, workers, window, budget, release_on_yield=budget is None)
         try:
             for n, t in produced:
                 if failure:
+                    if budget is not None:
+                        budget.release(specs[n].nbytes)
                     break
                 s = specs[n]
                 if t.dtype != s.dtype or tuple(t.shape) != s.shape:
+                    if budget is not None:
+                        budget.release(specs[n].nbytes)
                     raise RuntimeError(f"tensor {n!r}: produced {t.dtype} {tuple(t.shape)} but declared {s.dtype} {s.shape}")
                 t = t.contiguous()
+                handover.start(n)
                 for c in consumers:
                     c.put((n, t))
+                del t
                 if on_tensor:
                     on_tensor(n)
         finally:

@@ -11,6 +11,13 @@ given. The recipe validator,
 Optional keyword parameters the engine fills in when a method declares them:
   key: str           the tensor name (for per-tensor seeding or name-dependent rules)
   context: object    whatever the method's `prepare` hook returned (whole-model statistics)
+  stats: object      whatever the method's `stats` hook returned for this tensor (whole-tensor statistics)
+
+A method whose result needs whole-tensor statistics (a norm, a k-th value) but is otherwise elementwise declares
+`stats=fn(flats, device, **kwargs)`: the kernel computes them from the flattened native tensors in chunks
+(methods.chunks) and then evaluates the formula chunk by chunk with `stats=`, in order; called without `stats`
+the formula computes them from the tensors it is given, with the same chunks and the same result. A method that
+must iterate over whole tensors declares `streamed=fn(flats, device, **kwargs) -> fp32 flat result` instead.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 REQUIRED = object()
-ENGINE_KWARGS = {"key", "context"}
+ENGINE_KWARGS = {"key", "context", "stats"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,10 @@ class Method:
     uses_base: bool = False
     # element i of the result depends only on element i of the inputs: the kernel may run it on chunks
     elementwise: bool = False
+    # elementwise once these whole-tensor statistics are known (see the module docstring)
+    stats: Callable | None = None
+    # computes the whole result from the native flat tensors, holding no more than one fp32 copy
+    streamed: Callable | None = None
 
     def param(self, name: str) -> MethodParam | None:
         for p in self.params:
@@ -78,6 +89,8 @@ def merge_method(
     docs: dict[str, str] | None = None,
     uses_base: bool = False,
     elementwise: bool = False,
+    stats: Callable | None = None,
+    streamed: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register a merge method; see the module docstring for how the signature is read."""
 
@@ -118,6 +131,8 @@ def merge_method(
             doc=(inspect.getdoc(fn) or "").split("\n\n")[0],
             uses_base=uses_base,
             elementwise=elementwise,
+            stats=stats,
+            streamed=streamed,
         )
         return fn
 

@@ -50,6 +50,8 @@ class OpContext:
     input_names: list[str] = field(default_factory=list)
     # input labels for messages (file names)
     input_labels: list[str] = field(default_factory=list)
+    # brings a host tensor to `device` in its own dtype (None: ops.transfer.host_to_device(device))
+    to_device: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def warn(self, message: str) -> None:
         self.log.append(message)
@@ -139,11 +141,13 @@ def op_defaults(name: str) -> dict[str, Any] | None:
 DTYPE_FIELD = Field("dtype", "dtype", None, ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2"), "output dtype of float tensors (default: the first model's; fp8 only when asked)")
 
 
-def pick_device(name: str) -> torch.device:
-    """The device math runs on (cpu or cuda); exit 2 when CUDA is asked for and absent, or the name is unknown."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
+def pick_device(name: str, cuda_available: Callable[[], bool] = torch.cuda.is_available) -> torch.device:
+    """The device math runs on: cpu, cuda (exit 2 when absent), or auto (cuda where one exists, else cpu)."""
+    if name == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    if name.startswith("cuda") and not cuda_available():
         raise UserError(f"--device {name}: no CUDA device is available here")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or auto") from None

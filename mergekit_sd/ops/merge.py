@@ -36,9 +36,11 @@ from mergekit_sd.arch.detect import ArchInfo, detect
 from mergekit_sd.errors import StepError, UserError
 from mergekit_sd.lazy import KeyInputs, LazyModel, TensorSpec
 from mergekit_sd.methods import Method, load_methods
+from mergekit_sd.methods import chunks
 from mergekit_sd.formats.safetensors import DTYPE_NAMES, dtype_code
 from mergekit_sd.arch.weights import check_weight, compile_weight, is_block_weight, normalize_weight, outside_list
 from mergekit_sd.ops import DTYPE_FIELD, REQUIRED, Field, OpContext, OpSpec, register_op
+from mergekit_sd.ops.transfer import fetch_inputs, host_to_device
 
 KERNEL_VERSION = 1
 ON_MISSING = ("keep_a", "take_b", "error")
@@ -93,19 +95,18 @@ def check_finite(t: torch.Tensor, key: str, step: str) -> None:
                     "check the inputs and weights")
 
 
-CHUNK = 1 << 20
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: torch.dtype,
                     device: torch.device) -> tuple[torch.Tensor, bool]:
-    """Evaluate an elementwise method over cache-sized chunks: fp32 math, one rounding, no whole-tensor temporaries."""
+    """Evaluate an elementwise method over cache-sized chunks (methods.chunks.CHUNK, in order): fp32 math, one
+    rounding, no whole-tensor temporaries."""
     shape = natives[0].shape
     flats = [t.reshape(-1) for t in natives]
     out = torch.empty(flats[0].numel(), dtype=out_dtype, device=device)
     finite = True
-    for s in range(0, out.numel(), CHUNK):
-        e = min(s + CHUNK, out.numel())
+    for s, e in chunks.spans(out.numel()):
         piece = out[s:e]
         res = fn(*[f[s:e].to(device=device, dtype=torch.float32) for f in flats], **kwargs)
         if out_dtype in FP8 and finite and res.numel():  # fp8 casts saturate: out of range would be silently wrong
@@ -315,6 +316,7 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
     plain = {p.name: params.get(p.name, p.default) for p in method.params if p.kind not in ("weight", "weights")}
     context = method.prepare(inputs, params, ctx) if method.prepare else None
     device = ctx.device
+    move = ctx.to_device or host_to_device(device)
 
     def produce(key: str) -> torch.Tensor:
         how = plan[key]
@@ -330,15 +332,24 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
             kwargs["key"] = key
         if "context" in method.engine_kwargs:
             kwargs["context"] = context
-        if how == "merge" and method.elementwise:
-            out, finite = run_elementwise(method.fn, [m.get(key) for m in inputs], kwargs, spec.dtype, device)
+        natives = fetch_inputs([lambda m=m: m.get(key) for m in inputs], move)  # stored dtype on the device
+        if how == "merge" and (method.elementwise or method.stats is not None):
+            if method.stats is not None:  # whole-tensor statistics first, over chunks (methods.chunks)
+                kwargs["stats"] = method.stats([t.reshape(-1) for t in natives], device, **kwargs)
+            out, finite = run_elementwise(method.fn, natives, kwargs, spec.dtype, device)
             if not finite and spec.dtype in FP8 and bool(torch.isfinite(out.float()).all()):
                 raise UserError(f"step {ctx.step!r}: tensor {key!r} exceeds the range of {spec.dtype} "
                                 f"(±{torch.finfo(spec.dtype).max:g}); fp8 without per-layer scales cannot hold it, use dtype: bf16")
             if not finite:
                 check_finite(out, key, ctx.step)
             return out.cpu().contiguous()
-        tensors = [m.get(key).to(device=device, dtype=torch.float32) for m in inputs]
+        if how == "merge" and method.streamed is not None:
+            res = method.streamed([t.reshape(-1) for t in natives], device, **kwargs)
+            out = res.reshape(spec.shape).to(device="cpu", dtype=spec.dtype).contiguous()
+            check_finite(out, key, ctx.step)
+            return out
+        tensors = [t.to(dtype=torch.float32) for t in natives]
+        del natives
         if how == "dim1":
             base = tensors[0]
             width = min(t.shape[1] for t in tensors[1:])
@@ -364,6 +375,24 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         out["plain"] = plain
         return KeyInputs(out, tuple((i, key) for i in range(n)))
 
+    def cost(key: str) -> int:
+        """Peak bytes of producing `key` (what the memory budget reserves): the inputs as stored, the result, and
+        the fp32 working memory: chunks for chunked formulas, whole copies otherwise."""
+        how, spec = plan[key], specs[key]
+        if how.startswith("copy:"):
+            return inputs[int(how[5:])].spec(key).nbytes + spec.nbytes
+        stored = sum(m.spec(key).nbytes for m in inputs)
+        piece = min(spec.numel, chunks.CHUNK)
+        work = piece * 4 * (len(inputs) + 3)  # fp32 pieces of each input, the result's and a temporary
+        if method.stats is not None or method.streamed is not None:
+            work += piece * 8 * (len(inputs) + 3)  # fp64 pieces while the statistics are summed
+        if how == "merge" and (method.elementwise or method.stats is not None):
+            return stored + spec.nbytes + work
+        if how == "merge" and method.streamed is not None:
+            # one fp32 copy (the result being refined), and the fp32 points of a small tensor kept between passes
+            return stored + spec.nbytes + 4 * spec.numel + work + min(4 * len(inputs) * spec.numel, 32 << 20)
+        return stored + spec.nbytes + 4 * spec.numel * (len(inputs) + 3)
+
     prov: dict[str, Any] = {"method": method.name, "formula": method.formula}
     if archs[0].known:
         prov["architecture"] = archs[0].describe()
@@ -382,7 +411,7 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         prov["dim1_rule"] = sorted(k for k, v in plan.items() if v == "dim1")
     info = first.info.derive(arch=first.info.arch or archs[0], architecture=first.info.architecture or archs[0].modelspec,
                              provenance=prov)
-    return LazyModel(specs, produce, first.metadata, label=ctx.step, info=info, key_inputs=key_inputs)
+    return LazyModel(specs, produce, first.metadata, label=ctx.step, info=info, key_inputs=key_inputs, coster=cost)
 
 
 BLOCK_FIELDS = (

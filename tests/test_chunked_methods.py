@@ -1,0 +1,157 @@
+"""Methods that need whole-tensor statistics compute them over chunks: TIES's threshold and DARE's masks exactly
+(bit-identical to whole-tensor formulas restated here), slerp's and Model Stock's fp64 sums within a stated bound,
+and the geometric median runs a fixed number of Weiszfeld steps that match an fp64 restatement."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mergekit_sd.lazy import from_tensors
+from mergekit_sd.methods import METHODS, chunks
+from mergekit_sd.methods.average import stock_stats
+from mergekit_sd.methods.chunks import kth_largest_chunked, spans
+from mergekit_sd.methods.interp import slerp_stats
+from mergekit_sd.methods.ties import dare_masks
+from mergekit_sd.ops import OpContext
+from mergekit_sd.ops.merge import build_merge
+
+SHAPE = (97, 61)  # 5917 elements: with CHUNK = 1000, six chunks, the last one short
+
+
+def _tensors(count: int, seed: int = 5, dtype=torch.float16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(SHAPE, generator=g)
+    out = [base.to(dtype)]
+    for _ in range(count - 1):
+        d = torch.randn(SHAPE, generator=g) * 0.05
+        d[torch.rand(SHAPE, generator=g) < 0.2] = 0  # ties at zero, like real fine-tunes
+        out.append((base + d).to(dtype))
+    return out
+
+
+def _kernel(method: str, tensors: list[torch.Tensor], chunk: int, monkeypatch, **params) -> torch.Tensor:
+    monkeypatch.setattr(chunks, "CHUNK", chunk)
+    m = METHODS[method]
+    full = {p.name: p.default for p in m.params if not p.required}
+    full.update(params)
+    models = [from_tensors({"w": t}, label=f"m{i}") for i, t in enumerate(tensors)]
+    return build_merge(m, models, full, OpContext(step="s")).get("w")
+
+
+def test_kth_largest_over_chunks_is_exact():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(10_007, generator=g) * 3).round(decimals=2).abs()  # many ties
+    ordered = torch.sort(x, descending=True).values
+    for keep in (1, 2, 17, 5000, 10_006, 10_007):
+        for size in (1, 333, 4096, 20_000):
+            got = kth_largest_chunked(lambda: (x[s:e] for s, e in spans(x.numel(), size)), keep)
+            assert got == float(ordered[keep - 1])
+
+
+def _ties_reference(tensors, alpha, k, how):
+    """TIES as it was written before chunking: fp32 whole tensors, torch.kthvalue thresholds."""
+    base, *ms = [t.float() for t in tensors]
+    trimmed = []
+    for m in ms:
+        d = m - base
+        n = d.numel()
+        keep = int(k * n)
+        mag = d.abs()
+        thr = torch.kthvalue(mag.reshape(-1), n - keep + 1).values
+        trimmed.append(d * (mag >= thr))
+    sign = torch.zeros_like(base)
+    for t in trimmed:
+        sign += torch.sign(t) if how == "count" else t
+    sign.sign_()
+    total, count = torch.zeros_like(base), torch.zeros_like(base)
+    for t in trimmed:
+        agree = (t * sign) > 0
+        total += t * agree
+        count += agree
+    return (base + alpha * total.div_(count.clamp_(min=1))).to(tensors[0].dtype)
+
+
+@pytest.mark.parametrize("how", ["mass", "count"])
+@pytest.mark.parametrize("k", [0.05, 0.3, 0.9])
+def test_ties_chunked_equals_the_whole_tensor_formula(monkeypatch, how, k):
+    tensors = _tensors(4)
+    want = _ties_reference(tensors, 0.8, k, how)
+    for chunk in (1000, 1 << 20):
+        got = _kernel("add_difference_ties", tensors, chunk, monkeypatch, alpha=0.8, k=k, sign_election=how)
+        assert torch.equal(got, want)
+
+
+def test_dare_chunked_masks_equal_the_whole_draw(monkeypatch):
+    tensors = _tensors(3)
+    base, *ms = [t.float() for t in tensors]
+    masks = dare_masks(SHAPE, 2, 0.6, 9, "w")
+    total = torch.zeros_like(base)
+    for m, mask in zip(ms, masks):
+        total = total + torch.where(mask, m - base, torch.zeros_like(base)) / (1 - 0.6)
+    want = (base + 0.7 * total).to(torch.float16)
+    for chunk in (1000, 4096, 1 << 20):
+        assert torch.equal(_kernel("add_difference_dare", tensors, chunk, monkeypatch, alpha=0.7, p=0.6, seed=9), want)
+
+
+def test_slerp_sums_are_fp64_within_the_bound(monkeypatch):
+    a, b = [t.float() for t in _tensors(2, seed=8, dtype=torch.float32)]
+    exact = [math.fsum(v) for v in ((a.double() ** 2).flatten().tolist(), (b.double() ** 2).flatten().tolist(),
+                                    (a.double() * b.double()).flatten().tolist())]
+    mags = [math.fsum(np.abs(v)) for v in ((a.double() ** 2).numpy().ravel(), (b.double() ** 2).numpy().ravel(),
+                                           (a.double() * b.double()).numpy().ravel())]
+    for chunk in (1000, 1 << 20):
+        monkeypatch.setattr(chunks, "CHUNK", chunk)
+        na, nb, ab = slerp_stats([a.reshape(-1), b.reshape(-1)])
+        # fp64 summation of n terms: |error| <= n * 2^-53 * sum|terms| (docs/performance.md)
+        for got, want, mag in zip((na * na, nb * nb, ab), exact, mags):
+            assert abs(got - want) <= a.numel() * 2 ** -53 * mag + 1e-300
+    chunked = _kernel("slerp", [a, b], 1000, monkeypatch, alpha=0.3)
+    whole = _kernel("slerp", [a, b], 1 << 20, monkeypatch, alpha=0.3)
+    # the factors agree to ~1e-15: the fp32 results to within one rounding
+    assert torch.allclose(chunked, whole, rtol=2 ** -23, atol=1e-30)
+    cos = exact[2] / math.sqrt(exact[0] * exact[1])
+    w = math.acos(cos)
+    ref = (math.sin(0.7 * w) * a.double() + math.sin(0.3 * w) * b.double()) / math.sin(w)
+    assert torch.allclose(chunked.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_model_stock_chunked_within_the_bound(monkeypatch):
+    tensors = _tensors(4, seed=12)
+    base, *ms = [t.float() for t in tensors]
+    ds = [(m - base).double().numpy().ravel() for m in ms]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    cos = [float(np.dot(ds[i], ds[j]) / (np.linalg.norm(ds[i]) * np.linalg.norm(ds[j]))) for i, j in pairs]
+    c = sum(cos) / 3
+    t_ref = 3 * c / (1 + 2 * c)
+    for chunk in (1000, 1 << 20):
+        monkeypatch.setattr(chunks, "CHUNK", chunk)
+        assert abs(stock_stats([t.reshape(-1) for t in tensors]) - t_ref) <= 1e-12
+    chunked = _kernel("model_stock", tensors, 1000, monkeypatch)
+    whole = _kernel("model_stock", tensors, 1 << 20, monkeypatch)
+    assert (chunked.float() - whole.float()).abs().max() <= 2 ** -10 * whole.float().abs().max()  # one fp16 ulp
+
+
+def _weiszfeld64(points: list[np.ndarray], steps: int) -> np.ndarray:
+    y = sum(points) / len(points)
+    for _ in range(steps):
+        w = np.array([1 / max(np.linalg.norm(p - y), 1e-6) for p in points])
+        y = sum(wi * p for wi, p in zip(w / w.sum(), points))
+    return y
+
+
+@pytest.mark.parametrize("steps", [0, 1, 7, 40])
+def test_geometric_median_runs_fixed_steps(monkeypatch, steps):
+    tensors = _tensors(4, seed=21, dtype=torch.float32)
+    tensors[3] = tensors[3] + 3.0  # an outlier the median resists
+    ref = _weiszfeld64([t.double().numpy() for t in tensors], steps)
+    outs = [_kernel("geometric_median", tensors, chunk, monkeypatch, iterations=steps) for chunk in (1000, 1 << 20)]
+    for got in outs:
+        np.testing.assert_allclose(got.double().numpy(), ref, rtol=1e-5, atol=1e-5)
+    # chunking changes only the order of fp64 additions: the fp32 results agree to a few roundings
+    assert torch.allclose(outs[0], outs[1], rtol=4 * 2 ** -23, atol=1e-6)
+    again = _kernel("geometric_median", tensors, 1000, monkeypatch, iterations=steps)
+    assert torch.equal(again, outs[0])

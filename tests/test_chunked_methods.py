@@ -42,14 +42,24 @@ def _kernel(method: str, tensors: list[torch.Tensor], chunk: int, monkeypatch, *
     return build_merge(m, models, full, OpContext(step="s")).get("w")
 
 
-def test_kth_largest_over_chunks_is_exact():
+@pytest.mark.parametrize("gather", [0, 50, 1 << 22])  # third pass from the chunks again, or from kept candidates
+def test_kth_largest_over_chunks_is_exact(monkeypatch, gather):
+    monkeypatch.setattr(chunks, "GATHER_LIMIT", gather)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(10_007, generator=g) * 3).round(decimals=2).abs()  # many ties
     ordered = torch.sort(x, descending=True).values
     for keep in (1, 2, 17, 5000, 10_006, 10_007):
         for size in (1, 333, 4096, 20_000):
-            got = kth_largest_chunked(lambda: (x[s:e] for s, e in spans(x.numel(), size)), keep)
+            passes = []
+
+            def mags():
+                passes.append(1)
+                return (x[s:e] for s, e in spans(x.numel(), size))
+
+            got = kth_largest_chunked(mags, keep)
             assert got == float(ordered[keep - 1])
+            if gather == 1 << 22:
+                assert len(passes) == 2
 
 
 def _ties_reference(tensors, alpha, k, how):

@@ -18,7 +18,7 @@ import threading
 from typing import Callable
 
 MIN_TENSOR_BUDGET = 64 << 20  # what tensors get when the process alone is already at (or over) the limit
-OVERHEAD = 16 << 20  # not tensors: worker stacks, queues, the allocator's slack
+OVERHEAD = 32 << 20  # not tensors: worker stacks, queues, the allocator's slack
 
 
 class MemoryBudget:

@@ -45,22 +45,36 @@ def sums64(flats: list[torch.Tensor], terms: Callable[..., list[torch.Tensor]], 
     return [float(v) for v in acc.cpu()]
 
 
+GATHER_LIMIT = 4 << 20  # candidates (int32) kept after the second pass instead of reading the chunks a third time
+
+
 def kth_largest_chunked(magnitudes: Callable[[], Iterator[torch.Tensor]], keep: int) -> float:
     """The keep-th largest value of non-negative float32 values given as chunks (`magnitudes()` yields them
     afresh for each pass), exactly: radix selection on the bit patterns, which order like the values for
     non-negative floats. Three passes build integer histograms of 11, 11 and 10 bits of the candidates; counts
-    are exact whatever the chunking, so the result equals a full sort's."""
+    are exact whatever the chunking, so the result equals a full sort's. The candidates left after the second
+    pass are kept (up to GATHER_LIMIT of them) so that the third pass need not read the chunks again."""
     remaining, prefix = keep, 0
+    gathered: list[torch.Tensor] | None = None
     for shift, width, above in ((21, 11, 32), (10, 11, 21), (0, 10, 10)):
         hist = None
-        for mag in magnitudes():
+        collect: list[torch.Tensor] | None = [] if above == 21 else None
+        held = 0
+        for mag in (iter(gathered) if gathered is not None else magnitudes()):
             bits = mag.reshape(-1).view(torch.int32)
             if above < 32:  # only the candidates: values whose higher bits equal the prefix found so far
                 bits = bits[(bits >> above) == (prefix >> above)]
+            if collect is not None:
+                held += bits.numel()
+                if held <= GATHER_LIMIT:
+                    collect.append(bits)
+                else:  # too many: the third pass reads the chunks again
+                    collect = None
             digits = (bits >> shift) & ((1 << width) - 1)
             h = torch.bincount(digits, minlength=1 << width)
             hist = h if hist is None else hist + h
         assert hist is not None
+        gathered = collect
         at_least = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # candidates whose digit is >= d
         d = int((at_least >= remaining).nonzero().max())
         remaining -= int(at_least[d] - hist[d])

@@ -4,7 +4,7 @@ hashed by the step's own reads, as in a first build) from a warm page cache, and
 process's peak RSS.
 
     python bench/bench_scaling.py [--factor 1] [--workdir bench/work] [--max-memory 1G] [--gm-iterations 10]
-                                  [--rows ws,ties,gm] [--out table.md]
+                                  [--rows ws,ties,gm,dare,slerp,model_stock,cosine] [--out table.md]
 
 `--factor N` shrinks every tensor N-fold (1 = full size, ~2 GiB per fp16 model); the table is printed as
 Markdown, with the machine it ran on.
@@ -29,6 +29,11 @@ ROWS = {
     "ws": ("weighted_sum", 2, "{op: weighted_sum, models: [A, B], alpha: 0.3}"),
     "ties": ("TIES (2 fine-tunes, k 0.2)", 3, "{op: add_difference_ties, models: [A, B, C], alpha: 1.0, k: 0.2}"),
     "gm": ("geometric median (3 models, {it} steps)", 3, "{op: geometric_median, models: [A, B, C], iterations: {it}}"),
+    "dare": ("DARE (2 fine-tunes, p 0.9, seeded)", 3,
+             "{op: add_difference_dare, models: [A, B, C], alpha: 1.0, p: 0.9, seed: 1}"),
+    "slerp": ("slerp", 2, "{op: slerp, models: [A, B], alpha: 0.3}"),
+    "model_stock": ("model_stock (2 fine-tunes)", 3, "{op: model_stock, models: [A, B, C]}"),
+    "cosine": ("cosine_a", 2, "{op: cosine_a, models: [A, B], alpha: 0.3}"),
 }
 
 

@@ -43,7 +43,7 @@ def main() -> dict[str, float]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("bench/work"))
     ap.add_argument("--factor", type=int, default=1, help="shrink factor of the synthetic models (1 = full size)")
-    args = ap.parse_args()
+    args, _ = ap.parse_known_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     models = ensure_models(work, 3, factor=args.factor)

@@ -74,7 +74,7 @@ def main() -> int:
     ap.add_argument("--rows", default="ws,ties,gm")
     ap.add_argument("--jobs", default=None, help="worker counts to compare, comma-separated (default: 1,2,all cores)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
-    args = ap.parse_args()
+    args, _ = ap.parse_known_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     jobs = [int(j) for j in args.jobs.split(",")] if args.jobs else sorted({1, 2, cores})

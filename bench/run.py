@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_engine.py", "bench_methods.py", "bench_lora.py", "bench_flux.py", "bench_forensics.py"]
+SCRIPTS = ["bench_engine.py", "bench_methods.py", "bench_lora.py", "bench_flux.py", "bench_forensics.py", "bench_scaling.py"]
 
 
 def main() -> int:

@@ -43,7 +43,7 @@ BOUNDS = {
     "geometric_median": 1e-5,  # fixed steps, fp64 distances; fp32 rounding compounds over the steps
     "extract_merge": 1e-5,  # fp32 row cosines, then a power
     "smooth_add": 1e-5,  # convolution order differs on the GPU
-    "cosine_a": 1e-4,  # fp32 whole-tensor cosines, rescaled by the model's similarity range
+    "cosine_a": 1e-4,  # fp64 column sums, rescaled by the model's similarity range (magnifies the last bits)
     "cosine_b": 1e-4,
 }
 DEFAULT_BOUND = 2e-5  # a method without an entry (a plugin)

@@ -165,3 +165,75 @@ def test_geometric_median_runs_fixed_steps(monkeypatch, steps):
     assert torch.allclose(outs[0], outs[1], rtol=4 * 2 ** -23, atol=1e-6)
     again = _kernel("geometric_median", tensors, 1000, monkeypatch, iterations=steps)
     assert torch.equal(again, outs[0])
+
+
+def _cosine_reference(pairs: dict, alpha: float, variant: str) -> dict:
+    """supermerger's cosineA/cosineB restated in fp64 numpy from whole tensors: stage 0 collects S over every
+    tensor pair, stage 1 rescales each column's similarity by S's 1st..99th percentile range."""
+    def norm0(x):
+        return x / np.maximum(np.sqrt((x * x).sum(0, keepdims=True)), 1e-12)
+
+    def cos0(x, y):
+        x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+        num, den = (x * y).sum(0), np.sqrt((x * x).sum(0)) * np.sqrt((y * y).sum(0))
+        return np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+
+    def cosg(x, y):
+        den = np.linalg.norm(x) * np.linalg.norm(y)
+        return float((x * y).sum() / den) if den > 0 else 0.0
+
+    def sims(a, b):
+        if variant == "a":
+            a, b = norm0(a), norm0(b)
+            return cos0(a, b), (cos0(a, b) + cosg(a, b)) / 2
+        s = (cos0(a, b) + cosg(a, b)) / 2
+        return s, s
+
+    s = np.sort(np.concatenate([sims(a, b)[0].ravel() for a, b in pairs.values()]))
+    p1, p99 = np.percentile(s, 1, method="midpoint"), np.percentile(s, 99, method="midpoint")
+    s = s[(s >= p1) & (s <= p99)]
+    lo, hi = s.min(), s.max()
+    out = {}
+    for key, (a, b) in pairs.items():
+        k = np.clip((sims(a, b)[1] - lo) / (hi - lo) - (abs(alpha) if variant == "a" else alpha), 0, 1)
+        out[key] = b + k.reshape(a.shape[1:]) * (a - b)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_cosine_columns_over_row_chunks(monkeypatch, variant):
+    """Column cosines summed over row chunks, and A's share per column handed out across flat chunks that do not
+    line up with the columns (61 columns, chunks of 1000 elements), give the whole-tensor formula."""
+    g = torch.Generator().manual_seed(31)
+    shapes = {"model.diffusion_model.w": SHAPE, "model.diffusion_model.c": (13, 4, 3, 3),
+              "model.diffusion_model.b": (300,)}
+    a = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    b = {k: 0.6 * a[k] + torch.randn(s, generator=g) for k, s in shapes.items()}
+    a["model.diffusion_model.w"][:, 5] = 0  # a zero column: cosine 0
+    want = _cosine_reference({k: (a[k].double().numpy(), b[k].double().numpy()) for k in shapes}, 0.2, variant)
+    m = METHODS[f"cosine_{variant}"]
+    results = []
+    for chunk in (7, 1000, 1 << 20):
+        monkeypatch.setattr(chunks, "CHUNK", chunk)
+        merged = build_merge(m, [from_tensors(a, label="A"), from_tensors(b, label="B")], {"alpha": 0.2}, OpContext(step="s"))
+        got = {k: merged.get(k) for k in shapes}
+        for k in shapes:
+            assert np.allclose(got[k].double().numpy(), want[k], rtol=1e-6, atol=1e-6), (chunk, k)
+        results.append(got)
+    for k in shapes:  # fp64 sums in another order move a column's share by at most an fp32 rounding
+        assert torch.allclose(results[0][k], results[2][k], rtol=0, atol=4 * 2 ** -23 * float(a[k].abs().max() + b[k].abs().max()))
+
+
+def test_cosine_bounds_pass_is_counted_by_the_budget_until_done():
+    """The first tensors of a cosine step may have to run the whole-model bounds pass (one stored tensor of each
+    model at a time): their reservation includes it, later ones do not."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"model.diffusion_model.big": (64, 32), "model.diffusion_model.small": (4, 4)}
+    a = {k: torch.randn(s, generator=g).half() for k, s in shapes.items()}
+    b = {k: torch.randn(s, generator=g).half() for k, s in shapes.items()}
+    merged = build_merge(METHODS["cosine_a"], [from_tensors(a, label="A"), from_tensors(b, label="B")], {"alpha": 0.2},
+                         OpContext(step="s"))
+    small = "model.diffusion_model.small"
+    before = merged.cost(small)
+    merged.get(small)  # runs the bounds pass
+    assert before - merged.cost(small) == 2 * 64 * 32 * 2  # the largest pair, fp16

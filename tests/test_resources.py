@@ -32,8 +32,9 @@ STEPS = """
   dare: {op: add_difference_dare, models: [A, B, C], p: 0.6, seed: 11}
   sl: {op: slerp, models: [A, B], alpha: 0.4}
   gm: {op: geometric_median, models: [A, B, C], iterations: 8}
+  cos: {op: cosine_a, models: [A, B], alpha: 0.3}
 """
-NAMES = ("ws", "ties", "dare", "sl", "gm")
+NAMES = ("ws", "ties", "dare", "sl", "gm", "cos")
 
 
 def _recipe(folder, model_dir):

@@ -10,7 +10,8 @@ given. The recipe validator,
 
 Optional keyword parameters the engine fills in when a method declares them:
   key: str           the tensor name (for per-tensor seeding or name-dependent rules)
-  context: object    whatever the method's `prepare` hook returned (whole-model statistics)
+  context: object    whatever the method's `prepare` hook returned (whole-model statistics, computed on first
+                     use; a context with `pending_bytes()` tells the memory budget what that pass still holds)
   stats: object      whatever the method's `stats` hook returned for this tensor (whole-tensor statistics)
 
 A method whose result needs whole-tensor statistics (a norm, a k-th value) but is otherwise elementwise declares

@@ -6,12 +6,13 @@ smoothAdd MT is smoothAdd computed in a thread pool; the result is the same, so 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mergekit_sd.methods import merge_method
+from mergekit_sd.methods import chunks, merge_method
 from mergekit_sd.methods.filters import smooth
 
 VAE_PREFIX = "first_stage_model."
@@ -21,38 +22,54 @@ VAE_PREFIX = "first_stage_model."
 # cosineA / cosineB
 
 
-def _as1d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(1) if t.ndim == 0 else t
+EPS_NORMALIZE, EPS_COSINE = 1e-12, 1e-8  # torch's F.normalize and F.cosine_similarity clamps, which the formulas use
 
 
-def cos_dim0(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity along dim 0 (one value per column; a scalar for 1-D tensors); 0 for zero columns."""
-    return F.cosine_similarity(_as1d(x), _as1d(y), dim=0)
+def rows_cols(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """A tensor as rows x columns for cosines along dim 0: dim 0 is the rows, the other dims flattened are the
+    columns (a 1-D tensor or a scalar is one column)."""
+    n = math.prod(shape)
+    rows = shape[0] if len(shape) else 1
+    return rows, (n // rows if rows else 0)
 
 
-def cos_global(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of the flattened tensors; 0 when either is all zeros."""
-    return F.cosine_similarity(x.reshape(-1), y.reshape(-1), dim=0)
+def column_sums(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...],
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per column of dim 0: sum a*a, sum b*b, sum a*b in fp64 (flat tensors of `shape`), over row chunks of about
+    CHUNK elements, chunk sums added in order: one fp64 chunk of each input in memory, never a whole fp32 copy,
+    and the same bits for any thread count."""
+    rows, cols = rows_cols(shape)
+    dev = device if device is not None else a.device
+    aa, bb, ab = (torch.zeros(cols, dtype=torch.float64, device=dev) for _ in range(3))
+    step = max(1, chunks.CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = chunks.piece(a, r0 * cols, r1 * cols, dev, torch.float64).view(r1 - r0, cols)
+        y = chunks.piece(b, r0 * cols, r1 * cols, dev, torch.float64).view(r1 - r0, cols)
+        aa += (x * x).sum(0)
+        bb += (y * y).sum(0)
+        ab += (x * y).sum(0)
+    return aa, bb, ab
 
 
-def l2n(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalisation along dim 0 (zero columns stay zero)."""
-    return F.normalize(_as1d(x), p=2, dim=0)
+def _clamped_norm(sq: torch.Tensor | float, eps: float) -> torch.Tensor:
+    return torch.as_tensor(sq, dtype=torch.float64).sqrt().clamp_min(eps)
 
 
-def cosine_stage0(a: torch.Tensor, b: torch.Tensor, variant: str) -> torch.Tensor:
-    """The values one tensor pair adds to the similarity distribution S."""
+def column_similarity(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stage-0 values, stage-1 similarity) per column, in fp64, from the column sums.
+
+    cosineA works on columns L2-normalised along dim 0 (x / max(|x|, 1e-12)): their dot product is
+    ab / (max|a| max|b|) and their norms |a| / max|a|; cos_dim0 is their cosine, the global cosine that of the
+    whole normalised tensors. cosineB takes the raw columns. Cosines divide by max(|x|, 1e-8) per vector, so a
+    zero column has cosine 0."""
     if variant == "a":
-        return cos_dim0(l2n(a), l2n(b)).reshape(-1)
-    return ((cos_dim0(a, b) + cos_global(a, b)) / 2).reshape(-1)
-
-
-def cosine_similarity_map(a: torch.Tensor, b: torch.Tensor, variant: str) -> torch.Tensor:
-    """Stage 1 similarity of one tensor pair (broadcasts over dim 0)."""
-    if variant == "a":
-        na, nb = l2n(a), l2n(b)
-        return (cos_dim0(na, nb) + cos_global(na, nb)) / 2
-    return (cos_dim0(a, b) + cos_global(a, b)) / 2
+        sa, sb = _clamped_norm(aa, EPS_NORMALIZE), _clamped_norm(bb, EPS_NORMALIZE)
+        aa, bb, ab = aa / (sa * sa), bb / (sb * sb), ab / (sa * sb)
+    cos0 = ab / (_clamped_norm(aa, EPS_COSINE) * _clamped_norm(bb, EPS_COSINE))
+    cosg = ab.sum() / (_clamped_norm(aa.sum(), EPS_COSINE) * _clamped_norm(bb.sum(), EPS_COSINE))
+    sim = (cos0 + cosg) / 2
+    return (cos0 if variant == "a" else sim), sim
 
 
 def midpoint_percentile(sorted_values: torch.Tensor, q: float) -> float:
@@ -93,11 +110,14 @@ def cosine_k(sim: torch.Tensor, bounds: tuple[float, float] | None, alpha: float
 
 
 class CosineStats:
-    """Whole-model stage 0 (lazy: computed on the first merged tensor, streaming both models key by key)."""
+    """Whole-model stage 0: the bounds of S over every tensor pair, computed once (by the first tensor to need
+    them, the others waiting), streaming both models key by key through `column_sums`."""
 
     def __init__(self, inputs, device: torch.device, variant: str):
         self.inputs, self.device, self.variant = inputs, device, variant
         self._bounds: Any = ()
+        self._pending: int | None = None
+        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
         a, b = self.inputs[0], self.inputs[1]
@@ -110,16 +130,43 @@ class CosineStats:
                 out.append(k)
         return out
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.inputs[0].spec(key).shape)
+
+    def pending_bytes(self) -> int:
+        """What the bounds pass still holds at its peak besides the tensor being merged (one stored tensor of each
+        model), so that the memory budget counts it for the tensors that may have to compute it; 0 once done."""
+        if self._bounds != ():
+            return 0
+        if self._pending is None:
+            a, b = self.inputs[0], self.inputs[1]
+            self._pending = max((a.spec(k).nbytes + b.spec(k).nbytes for k in self.keys()), default=0)
+        return self._pending
+
     @property
     def bounds(self) -> tuple[float, float] | None:
-        if self._bounds == ():
-            parts = []
-            for k in self.keys():
-                ta = self.inputs[0].get(k).to(device=self.device, dtype=torch.float32)
-                tb = self.inputs[1].get(k).to(device=self.device, dtype=torch.float32)
-                parts.append(cosine_stage0(ta, tb, self.variant).cpu())
-            self._bounds = similarity_bounds(torch.cat(parts)) if parts else None
-        return self._bounds
+        with self._lock:
+            if self._bounds == ():
+                parts = []
+                for k in self.keys():
+                    ta, tb = self.inputs[0].get(k).reshape(-1), self.inputs[1].get(k).reshape(-1)
+                    stage0, _ = column_similarity(*column_sums(ta, tb, self.shape(k), self.device), self.variant)
+                    parts.append(stage0.cpu())
+                    del ta, tb
+                self._bounds = similarity_bounds(torch.cat(parts)) if parts else None
+            return self._bounds
+
+
+class ColumnShares:
+    """A's share k per column, handed out for consecutive flat chunks of the tensor (the kernel's order)."""
+
+    def __init__(self, k: torch.Tensor):
+        self.k, self.pos = k.to(torch.float32), 0
+
+    def next(self, n: int) -> torch.Tensor:
+        idx = torch.arange(self.pos, self.pos + n, device=self.k.device) % max(self.k.numel(), 1)
+        self.pos += n
+        return self.k[idx]
 
 
 def _prepare_a(inputs, params, ctx) -> CosineStats:
@@ -130,29 +177,49 @@ def _prepare_b(inputs, params, ctx) -> CosineStats:
     return CosineStats(inputs, ctx.device, "b")
 
 
-def cosine_merge(a: torch.Tensor, b: torch.Tensor, alpha: float, bounds, variant: str) -> torch.Tensor:
-    """result = lerp(B, A, k): k is A's share per column (pure function; `bounds` from the whole model)."""
-    sim = cosine_similarity_map(a, b, variant)
-    k = cosine_k(sim, bounds, alpha, variant)
-    return torch.lerp(b, a, k)
+def column_shares(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...], alpha: float, bounds, variant: str,
+                  device: torch.device | None = None) -> ColumnShares:
+    """k per column of one tensor pair (flat tensors of `shape`): stage-1 similarity, rescaled by the bounds."""
+    _, sim = column_similarity(*column_sums(a, b, shape, device), variant)
+    return ColumnShares(cosine_k(sim, bounds, alpha, variant))
+
+
+def _stats(variant: str):
+    def stats(flats: list[torch.Tensor], device: torch.device | None = None, *, alpha: float = 0.5, key: str = "",
+              context: CosineStats | None = None, **_: object) -> ColumnShares | None:
+        if key.startswith(VAE_PREFIX) or context is None:
+            return None
+        return column_shares(flats[0], flats[1], context.shape(key), alpha, context.bounds, variant, device)
+    return stats
+
+
+def cosine_merge(a: torch.Tensor, b: torch.Tensor, alpha: float, bounds, variant: str,
+                 stats: ColumnShares | None) -> torch.Tensor:
+    """result = lerp(B, A, k), k A's share per column: from `stats` for a chunk, else from the whole tensors given
+    (pure function; `bounds` from the whole model)."""
+    if stats is None:
+        stats = column_shares(a.reshape(-1), b.reshape(-1), tuple(a.shape), alpha, bounds, variant)
+    return torch.lerp(b, a, stats.next(a.numel()).reshape(a.shape))
 
 
 @merge_method(formula="lerp(B, A, k), k = clip((sim - min S)/(max S - min S) - |alpha|, 0, 1), sim from normalised columns",
-              prepare=_prepare_a)
-def cosine_a(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, key: str = "", context: Any = None) -> torch.Tensor:
+              prepare=_prepare_a, stats=_stats("a"), version=2)
+def cosine_a(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, key: str = "", context: Any = None,
+             stats: ColumnShares | None = None) -> torch.Tensor:
     """supermerger cosineA: columns where A and B agree keep more of A; higher alpha gives less A; VAE kept from A."""
     if key.startswith(VAE_PREFIX):
         return a
-    return cosine_merge(a, b, alpha, context.bounds if context is not None else None, "a")
+    return cosine_merge(a, b, alpha, context.bounds if context is not None and stats is None else None, "a", stats)
 
 
 @merge_method(formula="lerp(B, A, k), k = clip((sim - min S)/(max S - min S) - alpha, 0, 1), sim = (cos_dim0 + cos)/2",
-              prepare=_prepare_b)
-def cosine_b(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, key: str = "", context: Any = None) -> torch.Tensor:
+              prepare=_prepare_b, stats=_stats("b"), version=2)
+def cosine_b(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, key: str = "", context: Any = None,
+             stats: ColumnShares | None = None) -> torch.Tensor:
     """supermerger cosineB: like cosine_a on raw (not normalised) columns plus the global cosine; VAE kept from A."""
     if key.startswith(VAE_PREFIX):
         return a
-    return cosine_merge(a, b, alpha, context.bounds if context is not None else None, "b")
+    return cosine_merge(a, b, alpha, context.bounds if context is not None and stats is None else None, "b", stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -382,6 +382,7 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         if how.startswith("copy:"):
             return inputs[int(how[5:])].spec(key).nbytes + spec.nbytes
         stored = sum(m.spec(key).nbytes for m in inputs)
+        stored += context.pending_bytes() if hasattr(context, "pending_bytes") else 0  # a whole-model pass still to run
         piece = min(spec.numel, chunks.CHUNK)
         work = piece * 4 * (len(inputs) + 3)  # fp32 pieces of each input, the result's and a temporary
         if method.stats is not None or method.streamed is not None:

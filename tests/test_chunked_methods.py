@@ -237,3 +237,22 @@ def test_cosine_bounds_pass_is_counted_by_the_budget_until_done():
     before = merged.cost(small)
     merged.get(small)  # runs the bounds pass
     assert before - merged.cost(small) == 2 * 64 * 32 * 2  # the largest pair, fp16
+
+
+def test_train_difference_over_chunks_decides_b_equals_c_for_the_whole_tensor(monkeypatch):
+    """B equals C in the first chunks only: the tensor is still merged everywhere (B == C must hold for the whole
+    tensor to keep A), with the same bytes as one chunk; B == C everywhere keeps A."""
+    a, b = [t.float() for t in _tensors(2, seed=4, dtype=torch.float32)]
+    c = b.clone()
+    c.view(-1)[3000:] += 0.25
+    a.view(-1)[10] = -0.0  # kept, A's -0.0 stays; merged, -0.0 + 0 is +0.0: the only trace of the decision there
+    frac = lambda a, b, c: torch.where((b - c).abs() + (b - a).abs() == 0, 0.0, (b - a).abs() / ((b - c).abs() + (b - a).abs()))
+    want = a + 1.8 * 0.6 * (b - c) * frac(a, b, c)
+    for chunk in (1000, 1 << 20):
+        got = _kernel("train_difference", [a, b, c], chunk, monkeypatch, alpha=0.6)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert int(got.view(-1)[10:11].view(torch.int32)) == 0  # equal B and C there, but merged: +0.0
+    assert torch.equal(_kernel("train_difference", [a, b, c], 1000, monkeypatch, alpha=0.6),
+                       _kernel("train_difference", [a, b, c], 1 << 20, monkeypatch, alpha=0.6))
+    kept = _kernel("train_difference", [a, b, b.clone()], 1000, monkeypatch, alpha=0.6)
+    assert torch.equal(kept.view(torch.int32), a.view(torch.int32))  # B == C everywhere: A, -0.0 included

@@ -226,10 +226,19 @@ def cosine_b(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, key: str =
 # Add-difference family
 
 
-@merge_method(formula="A + 1.8*alpha*(B - C)*|B - A| / (|B - C| + |B - A|)  (fraction 0 where 0/0)")
-def train_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
-    """supermerger trainDifference: add B - C scaled by how far B moved from A; a tensor with B == C stays A."""
-    if alpha == 0 or torch.equal(b, c):
+def same_tensor(flats: list[torch.Tensor], device: torch.device | None = None, **_: object) -> bool:
+    """Whether B equals C over the whole tensor (compared chunk by chunk in fp32, as the formula sees them)."""
+    b, c = flats[1], flats[2]
+    return all(torch.equal(chunks.piece(b, s, e, device), chunks.piece(c, s, e, device))
+               for s, e in chunks.spans(b.numel()))
+
+
+@merge_method(formula="A + 1.8*alpha*(B - C)*|B - A| / (|B - C| + |B - A|)  (fraction 0 where 0/0)", stats=same_tensor)
+def train_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0,
+                     stats: bool | None = None) -> torch.Tensor:
+    """supermerger trainDifference: add B - C scaled by how far B moved from A; a tensor with B == C stays A.
+    `stats` (B == C over the whole tensor) lets the kernel apply it chunk by chunk."""
+    if alpha == 0 or (stats if stats is not None else torch.equal(b, c)):
         return a
     dist = (b - a).abs()
     denom = (b - c).abs() + dist
@@ -308,7 +317,7 @@ def tensor_swap2(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, beta: 
 SELF_SKIP = ("to_out", "proj_out", "norm")
 
 
-@merge_method(formula="A*alpha (not for to_out, proj_out, norm tensors)")
+@merge_method(formula="A*alpha (not for to_out, proj_out, norm tensors)", elementwise=True)
 def self_scale(a: torch.Tensor, *, alpha: float, key: str = "") -> torch.Tensor:
     """supermerger self: scale a model's own weights; output projections and norms are left alone."""
     if alpha == 0 or any(s in key for s in SELF_SKIP):

@@ -256,3 +256,49 @@ def test_train_difference_over_chunks_decides_b_equals_c_for_the_whole_tensor(mo
                        _kernel("train_difference", [a, b, c], 1 << 20, monkeypatch, alpha=0.6))
     kept = _kernel("train_difference", [a, b, b.clone()], 1000, monkeypatch, alpha=0.6)
     assert torch.equal(kept.view(torch.int32), a.view(torch.int32))  # B == C everywhere: A, -0.0 included
+
+
+@pytest.mark.parametrize("method", ["tensor_swap", "tensor_swap2"])
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.2), (0.7, 0.6), (1.0, 0.0)])
+def test_tensor_swaps_over_flat_chunks_take_the_same_band(monkeypatch, method, alpha, beta):
+    """The band of slices taken from the other model is found per element from its flat position, so chunks that
+    cut through rows give the slicing of whole tensors (restated here), bit for bit."""
+    g = torch.Generator().manual_seed(17)
+    for shape in [(97, 61), (13, 120, 3, 3), (300,), (7, 5, 4)]:
+        a, b = torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half()
+        if method == "tensor_swap" or len(shape) == 1:
+            dim, n = 0, shape[0]
+        else:
+            dim, n = 1, (shape[1] if shape[1] > 100 else shape[0])
+        base, src = (a, b) if alpha + beta <= 1 else (b, a)
+        lo, hi = (int(n * beta), int(n * (alpha + beta))) if alpha + beta <= 1 else (int(n * (alpha + beta - 1)), int(n * beta))
+        want = base.clone()
+        idx = [slice(None)] * len(shape)
+        idx[dim] = slice(lo, hi)
+        want[tuple(idx)] = src[tuple(idx)]
+        for chunk in (7, 1000, 1 << 20):
+            monkeypatch.setattr(chunks, "CHUNK", chunk)
+            m = METHODS[method]
+            got = build_merge(m, [from_tensors({"w": a}, label="A"), from_tensors({"w": b}, label="B")],
+                              {"alpha": alpha, "beta": beta}, OpContext(step="s")).get("w")
+            assert torch.equal(got, want), (shape, chunk)
+
+
+def test_extract_merge_rows_over_chunks(monkeypatch):
+    """One factor per row of the last dim, from chunks of whole rows, handed to flat chunks that cut rows: equal to
+    the whole-tensor formula restated in fp64 numpy."""
+    g = torch.Generator().manual_seed(23)
+    for shape in [(97, 61), (6, 5, 40), (300,)]:
+        a = torch.randn(shape, generator=g)
+        b, c = a + torch.randn(shape, generator=g) * 0.1, a + torch.randn(shape, generator=g) * 0.1
+        x = (b - a).double().numpy().reshape(-1, shape[-1])
+        y = (c - a).double().numpy().reshape(-1, shape[-1])
+        cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+        d = ((np.clip(cos, -1, 1) + 1) / 2) ** 0.7
+        f = d + 0.2 * ((1 - d) - d)
+        want = a.double().numpy() + ((x + 0.4 * (y - x)) * f[:, None]).reshape(shape)
+        for chunk in (7, 1000, 1 << 20):
+            monkeypatch.setattr(chunks, "CHUNK", chunk)
+            got = build_merge(METHODS["extract_merge"], [from_tensors({"w": t}, label=n) for t, n in ((a, "A"), (b, "B"), (c, "C"))],
+                              {"alpha": 0.4, "beta": 0.2, "gamma": 0.7}, OpContext(step="s")).get("w")
+            assert np.allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6), (shape, chunk)

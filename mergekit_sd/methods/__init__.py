@@ -15,7 +15,7 @@ Optional keyword parameters the engine fills in when a method declares them:
   stats: object      whatever the method's `stats` hook returned for this tensor (whole-tensor statistics)
 
 A method whose result needs whole-tensor statistics (a norm, a k-th value) but is otherwise elementwise declares
-`stats=fn(flats, device, **kwargs)`: the kernel computes them from the flattened native tensors in chunks
+`stats=fn(flats, device, shape=..., **kwargs)`: the kernel computes them from the flattened native tensors in chunks
 (methods.chunks) and then evaluates the formula chunk by chunk with `stats=`, in order; called without `stats`
 the formula computes them from the tensors it is given, with the same chunks and the same result. A method that
 must iterate over whole tensors declares `streamed=fn(flats, device, **kwargs) -> fp32 flat result` instead.

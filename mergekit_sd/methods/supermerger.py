@@ -130,9 +130,6 @@ class CosineStats:
                 out.append(k)
         return out
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.inputs[0].spec(key).shape)
-
     def pending_bytes(self) -> int:
         """What the bounds pass still holds at its peak besides the tensor being merged (one stored tensor of each
         model), so that the memory budget counts it for the tensors that may have to compute it; 0 once done."""
@@ -147,10 +144,10 @@ class CosineStats:
     def bounds(self) -> tuple[float, float] | None:
         with self._lock:
             if self._bounds == ():
-                parts = []
+                parts, a = [], self.inputs[0]
                 for k in self.keys():
                     ta, tb = self.inputs[0].get(k).reshape(-1), self.inputs[1].get(k).reshape(-1)
-                    stage0, _ = column_similarity(*column_sums(ta, tb, self.shape(k), self.device), self.variant)
+                    stage0, _ = column_similarity(*column_sums(ta, tb, tuple(a.spec(k).shape), self.device), self.variant)
                     parts.append(stage0.cpu())
                     del ta, tb
                 self._bounds = similarity_bounds(torch.cat(parts)) if parts else None
@@ -185,11 +182,11 @@ def column_shares(a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...], alph
 
 
 def _stats(variant: str):
-    def stats(flats: list[torch.Tensor], device: torch.device | None = None, *, alpha: float = 0.5, key: str = "",
-              context: CosineStats | None = None, **_: object) -> ColumnShares | None:
+    def stats(flats: list[torch.Tensor], device: torch.device | None = None, *, shape: tuple[int, ...] = (),
+              alpha: float = 0.5, key: str = "", context: CosineStats | None = None, **_: object) -> ColumnShares | None:
         if key.startswith(VAE_PREFIX) or context is None:
             return None
-        return column_shares(flats[0], flats[1], context.shape(key), alpha, context.bounds, variant, device)
+        return column_shares(flats[0], flats[1], shape, alpha, context.bounds, variant, device)
     return stats
 
 
@@ -264,16 +261,46 @@ def extract_weights(alpha: float, beta: float, gamma: float) -> str | None:
     return None
 
 
-@merge_method(formula="A + lerp(B-A, C-A, alpha) * lerp(d, 1-d, beta), d = ((cos_rows(B-A, C-A) + 1)/2)^gamma")
+class RowFactors:
+    """One factor per row of the last dim, handed out for consecutive flat chunks of the tensor (the kernel's
+    order): element p belongs to row p // width."""
+
+    def __init__(self, factors: torch.Tensor, width: int):
+        self.f, self.width, self.pos = factors, max(width, 1), 0
+
+    def next(self, n: int) -> torch.Tensor:
+        rows = torch.div(torch.arange(self.pos, self.pos + n, device=self.f.device), self.width, rounding_mode="floor")
+        self.pos += n
+        return self.f[rows]
+
+
+def extract_factors(flats: list[torch.Tensor], device: torch.device | None = None, *, shape: tuple[int, ...] = (),
+                    beta: float = 0.25, gamma: float = 0.3, **_: object) -> RowFactors:
+    """lerp(d, 1 - d, beta) per row, d = ((cos(B - A, C - A) + 1)/2)^gamma with the cosine along the last dim in
+    fp32, from chunks of whole rows (contiguous in the flat tensor): a row's cosine never spans two chunks."""
+    width = shape[-1] if shape else 1
+    rows = flats[0].numel() // width if width else 0
+    dev = device if device is not None else flats[0].device
+    step = max(1, chunks.CHUNK // max(width, 1))
+    out = torch.empty(rows, dtype=torch.float32, device=dev)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        a, b, c = (chunks.piece(f, r0 * width, r1 * width, dev).view(r1 - r0, width) for f in flats)
+        cos = F.cosine_similarity(b - a, c - a, dim=-1).clamp(-1, 1)
+        d = ((cos + 1) / 2) ** gamma
+        out[r0:r1] = torch.lerp(d, 1 - d, beta)
+    return RowFactors(out, width)
+
+
+@merge_method(formula="A + lerp(B-A, C-A, alpha) * lerp(d, 1-d, beta), d = ((cos_rows(B-A, C-A) + 1)/2)^gamma",
+              stats=extract_factors, version=2)
 def extract_merge(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 0.5, beta: float = 0.25,
-                  gamma: float = 0.3) -> torch.Tensor:
-    """supermerger extract: keep what B and C changed alike (beta 0) or differently (beta 1) relative to A."""
-    x, y = b - a, c - a
-    x1, y1 = (x.reshape(1), y.reshape(1)) if x.ndim == 0 else (x, y)
-    s = F.cosine_similarity(x1, y1, dim=-1).clamp(-1, 1).unsqueeze(-1)
-    d = ((s + 1) / 2) ** gamma
-    out = a + torch.lerp(x, y, alpha) * torch.lerp(d, 1 - d, beta).reshape(d.shape if x.ndim else ())
-    return out
+                  gamma: float = 0.3, stats: RowFactors | None = None) -> torch.Tensor:
+    """supermerger extract: keep what B and C changed alike (beta 0) or differently (beta 1) relative to A.
+    `stats` (the factor of each row, `extract_factors`) lets the kernel apply it chunk by chunk."""
+    if stats is None:
+        stats = extract_factors([a.reshape(-1), b.reshape(-1), c.reshape(-1)], shape=tuple(a.shape), beta=beta, gamma=gamma)
+    return a + torch.lerp(b - a, c - a, alpha) * stats.next(a.numel()).reshape(a.shape)
 
 
 extract_merge.weight_check = extract_weights  # type: ignore[attr-defined]
@@ -283,35 +310,79 @@ extract_merge.weight_check = extract_weights  # type: ignore[attr-defined]
 # tensor swaps and self
 
 
+def swap_band(shape: tuple[int, ...], n: int, alpha: float, beta: float, dim: int) -> tuple[bool, int, int]:
+    """(whether B is the base, lo, hi): the band [lo, hi) of indices along `dim` taken from the other model; the
+    indices come from n (supermerger's), and slicing clips them to the dimension."""
+    if alpha + beta <= 1:
+        return False, int(n * beta), int(n * (alpha + beta))
+    return True, int(n * (alpha + beta - 1)), int(n * beta)
+
+
 def swap_rows(a: torch.Tensor, b: torch.Tensor, n: int, alpha: float, beta: float, dim: int) -> torch.Tensor:
     """Take a band of slices along `dim` from B (or A's band into B when alpha + beta > 1); indices from n."""
-    if alpha + beta <= 1:
-        out, src, lo, hi = a.clone(), b, int(n * beta), int(n * (alpha + beta))
-    else:
-        out, src, lo, hi = b.clone(), a, int(n * (alpha + beta - 1)), int(n * beta)
+    b_base, lo, hi = swap_band(tuple(a.shape), n, alpha, beta, dim)
+    out, src = (b.clone(), a) if b_base else (a.clone(), b)
     index = [slice(None)] * out.ndim
     index[dim] = slice(lo, hi)
     out[tuple(index)] = src[tuple(index)]
     return out
 
 
-@merge_method(formula="rows [n*beta, n*(alpha+beta)) of dim 0 from B, the rest from A")
-def tensor_swap(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, beta: float = 0.25) -> torch.Tensor:
+class SwapMask:
+    """Which elements lie in the swapped band, for consecutive flat chunks of the tensor (the kernel's order):
+    element p's index along `dim` is (p // stride) % size."""
+
+    def __init__(self, shape: tuple[int, ...], b_base: bool, lo: int, hi: int, dim: int):
+        self.b_base, self.lo, self.hi, self.pos = b_base, lo, hi, 0
+        self.size = shape[dim] if shape else 1
+        self.stride = math.prod(shape[dim + 1:]) if shape else 1
+
+    def next(self, n: int, device: torch.device) -> torch.Tensor:
+        at = torch.div(torch.arange(self.pos, self.pos + n, device=device), self.stride, rounding_mode="floor") % self.size
+        self.pos += n
+        return (at >= self.lo) & (at < self.hi)
+
+
+def swap_axis(shape: tuple[int, ...], second: bool) -> tuple[int, int] | None:
+    """(dim, n) of tensor_swap (second=False) or tensor_swap2's quirk; None for a scalar (kept from A)."""
+    if len(shape) == 0:
+        return None
+    if not second or len(shape) == 1:
+        return 0, shape[0]
+    return 1, (shape[1] if shape[1] > 100 else shape[0])
+
+
+def _swap_stats(second: bool):
+    def stats(flats: list[torch.Tensor], device: torch.device | None = None, *, shape: tuple[int, ...] = (),
+              alpha: float = 0.5, beta: float = 0.25, **_: object) -> SwapMask:
+        axis = swap_axis(shape, second)
+        if axis is None:
+            return SwapMask(shape, False, 0, 0, 0)
+        return SwapMask(shape, *swap_band(shape, axis[1], alpha, beta, axis[0]), axis[0])
+    return stats
+
+
+def swap(a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float, second: bool, stats: SwapMask | None) -> torch.Tensor:
+    if stats is None:  # whole tensors
+        axis = swap_axis(tuple(a.shape), second)
+        return a if axis is None else swap_rows(a, b, axis[1], alpha, beta, axis[0])
+    band = stats.next(a.numel(), a.device)
+    return torch.where(band, a, b) if stats.b_base else torch.where(band, b, a)
+
+
+@merge_method(formula="rows [n*beta, n*(alpha+beta)) of dim 0 from B, the rest from A", stats=_swap_stats(False))
+def tensor_swap(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, beta: float = 0.25,
+                stats: SwapMask | None = None) -> torch.Tensor:
     """supermerger tensor: swap whole slices along dim 0 instead of blending values."""
-    if a.ndim == 0:
-        return a
-    return swap_rows(a, b, a.shape[0], alpha, beta, 0)
+    return swap(a, b, alpha, beta, False, stats)
 
 
-@merge_method(formula="like tensor_swap along dim 1 (index base shape[1] if > 100, else shape[0]); 1-D along dim 0")
-def tensor_swap2(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, beta: float = 0.25) -> torch.Tensor:
+@merge_method(formula="like tensor_swap along dim 1 (index base shape[1] if > 100, else shape[0]); 1-D along dim 0",
+              stats=_swap_stats(True))
+def tensor_swap2(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5, beta: float = 0.25,
+                 stats: SwapMask | None = None) -> torch.Tensor:
     """supermerger tensor2: swap slices along dim 1, with supermerger's index quirk kept for identical results."""
-    if a.ndim == 0:
-        return a
-    if a.ndim == 1:
-        return swap_rows(a, b, a.shape[0], alpha, beta, 0)
-    n = a.shape[1] if a.shape[1] > 100 else a.shape[0]
-    return swap_rows(a, b, n, alpha, beta, 1)
+    return swap(a, b, alpha, beta, True, stats)
 
 
 SELF_SKIP = ("to_out", "proj_out", "norm")

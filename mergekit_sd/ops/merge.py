@@ -335,7 +335,7 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
         natives = fetch_inputs([lambda m=m: m.get(key) for m in inputs], move)  # stored dtype on the device
         if how == "merge" and (method.elementwise or method.stats is not None):
             if method.stats is not None:  # whole-tensor statistics first, over chunks (methods.chunks)
-                kwargs["stats"] = method.stats([t.reshape(-1) for t in natives], device, **kwargs)
+                kwargs["stats"] = method.stats([t.reshape(-1) for t in natives], device, shape=tuple(spec.shape), **kwargs)
             out, finite = run_elementwise(method.fn, natives, kwargs, spec.dtype, device)
             if not finite and spec.dtype in FP8 and bool(torch.isfinite(out.float()).all()):
                 raise UserError(f"step {ctx.step!r}: tensor {key!r} exceeds the range of {spec.dtype} "

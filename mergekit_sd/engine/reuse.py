@@ -6,7 +6,7 @@ its op declares them (`LazyModel.key_inputs`; a tensor whose op declares nothing
 Input tensor digests come from the state database, recorded under a file's content digest by the pass that hashed
 it (inputs) or by the write that made it (objects). Every stored object records, per tensor, its key, digest and
 byte range. A tensor whose key some object holds is read from there, checked against its recorded digest and
-copied file to file; a mismatch (a damaged object) forgets that record and computes the tensor instead. The
+written from those checked bytes; a mismatch (a damaged object) forgets that record and computes the tensor instead. The
 bytes are those a computation would give, so the output is the same file a clean build writes.
 """
 
@@ -88,7 +88,7 @@ class TensorReuse:
         self.result: WriteResult | None = None  # the written object, once written
         self._lock = threading.Lock()
         self._fds: dict[str, int | None] = {}
-        self._copies: dict[str, tuple[int, int]] = {}
+        self._verified: dict[str, bytes] = {}
         found = store.db.objects_with_tensor_keys(list(keys.values())) if keys else {}
         self._first = {name: found[tkey] for name, tkey in keys.items() if tkey in found}
         self.model = LazyModel(model.specs, self._produce, model.metadata, model.label, model.info,
@@ -125,23 +125,23 @@ class TensorReuse:
             fd = self._fd(obj) if tname == name and end - begin == spec.nbytes else None
             if fd is None:
                 continue
-            buf = bytearray(end - begin)
-            if not _pread_exact(fd, buf, begin) or tensor_digest(name, spec.dtype, spec.shape, buf).hex() != digest:
+            buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled: every byte is read into it
+            if not _pread_exact(fd, buf, begin) or tensor_digest(name, spec.dtype, spec.shape, buf.numpy()).hex() != digest:
                 self.store.db.forget_object_tensor(obj, tname)  # damaged on disk: computed, never offered again
                 with self._lock:
                     self.damaged.append(f"{tname} in {self.store.object_path(obj)}")
                 continue
             with self._lock:
                 self.reused += 1
-                self._copies[name] = (fd, begin)
-            if not buf:
+                self._verified[name] = bytes.fromhex(digest)
+            if not buf.numel():
                 return torch.empty(spec.shape, dtype=spec.dtype)
-            return torch.frombuffer(buf, dtype=torch.uint8).view(spec.dtype).reshape(spec.shape)
+            return buf.view(spec.dtype).reshape(spec.shape)
         return self.base.get(name)
 
-    def copy_from(self, name: str) -> tuple[int, int] | None:
-        """Where a reused tensor's verified bytes lie (file descriptor, offset), for a file-to-file copy."""
-        return self._copies.get(name)
+    def known_digest(self, name: str) -> bytes | None:
+        """The digest a reused tensor's bytes were just checked against (the writer need not hash them again)."""
+        return self._verified.get(name)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -167,11 +167,11 @@ def record_object(db: StateDB, key: str, path: Path, model: LazyModel, result: W
     db.put_tensor_digests(result.content_digest, digests)
 
 
-def _pread_exact(fd: int, buf: bytearray, offset: int) -> bool:
-    view = memoryview(buf)
+def _pread_exact(fd: int, buf: torch.Tensor, offset: int) -> bool:
+    view = memoryview(buf.numpy())
     done = 0
     try:
-        while done < len(buf):
+        while done < len(view):
             got = os.preadv(fd, [view[done:]], offset + done)
             if got <= 0:
                 return False

@@ -341,7 +341,7 @@ class Runner:
 
             def write(tmp: Path):
                 return write_model(tmp, model, metadata, on_tensor=on_tensor, workers=self.workers, budget=budget,
-                                   final_metadata=settled if key is None else None, copy_from=tensors.copy_from)
+                                   final_metadata=settled if key is None else None, known_digest=tensors.known_digest)
 
             try:
                 if key is None:

@@ -387,7 +387,7 @@ def write_model(
     final_metadata: Callable[[], Mapping[str, str]] | None = None,
     workers: int | None = None,
     window: int = DEFAULT_WINDOW,
-    copy_from: Callable[[str], tuple[int, int] | None] | None = None,
+    known_digest: Callable[[str], bytes | None] | None = None,
     budget: MemoryBudget | None = None,
 ) -> WriteResult:
     """Stream `model` into a new safetensors file at `path` (which the caller renames into place).
@@ -401,9 +401,8 @@ def write_model(
     overlap; with `workers=1` everything runs on the calling thread. With `budget`, work in flight and tensors
     waiting to be written share it (formats.prefetch); a tensor's bytes go back once it is written and hashed.
     Nothing is fsynced here: durability is the caller's (see formats.atomic and the store).
-    `copy_from(name)`, when it gives (file descriptor, offset), says the tensor's bytes (already verified by the
-    producer) lie there: they are copied file to file (`os.copy_file_range`, so a filesystem that shares extents
-    need not write them again) instead of written from memory.
+    `known_digest(name)`, when it gives one, is the digest the producer already checked the tensor's bytes
+    against (a tensor reused from a stored object): it is not hashed a second time.
     """
     names = model.keys()
     specs = {n: model.spec(n) for n in names}
@@ -413,18 +412,19 @@ def write_model(
     sha = hashlib.sha256()
     failure: list[BaseException] = []
 
-    with open(path, "w+b") as f:  # readable too: copied tensors are read back and checked
+    with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
 
         def write_and_digest(name: str, t: torch.Tensor) -> None:
             data = tensor_bytes(t)
-            h = xxhash.xxh3_128(_tensor_prefix(name, t.dtype, t.shape))
-            h.update(data)
-            digests[name] = h.digest()
-            src = copy_from(name) if copy_from is not None else None
-            if src is None or not _copy_range(src[0], src[1], f, data):
-                f.write(data)
+            known = known_digest(name) if known_digest is not None else None
+            if known is None:
+                h = xxhash.xxh3_128(_tensor_prefix(name, t.dtype, t.shape))
+                h.update(data)
+                known = h.digest()
+            digests[name] = known
+            f.write(data)
 
         def buffer_sha(name: str, t: torch.Tensor) -> None:
             sha.update(tensor_bytes(t))
@@ -468,40 +468,6 @@ def write_model(
     if len(final) != len(hbytes):
         _move_data(Path(path), 8 + len(hbytes), final)
     return WriteResult(content, buf_sha, digests, os.path.getsize(path))
-
-
-def _copy_range(src_fd: int, offset: int, f, data: memoryview) -> bool:
-    """Copy `len(data)` bytes at `offset` of `src_fd` to the current end of the buffered file `f`, then check them
-    against `data` (the verified bytes they must equal; a mismatch is overwritten from `data`). False, with nothing
-    written, where the kernel or the filesystem cannot copy, so the caller writes `data` itself."""
-    copy = getattr(os, "copy_file_range", None)
-    n = len(data)
-    if copy is None or n == 0:
-        return False
-    f.flush()
-    pos = f.tell()
-    fd = f.fileno()
-    done = 0
-    try:
-        while done < n:
-            got = copy(src_fd, fd, n - done, offset + done, pos + done)
-            if got <= 0:
-                break
-            done += got
-    except OSError:
-        pass
-    if done == 0:
-        return False
-    flat = data.cast("B")
-    for s in range(0, n, COPY_CHECK):
-        e = min(n, s + COPY_CHECK)
-        if e > done or _pread_all(fd, e - s, pos + s) != flat[s:e]:
-            os.pwrite(fd, flat[s:e], pos + s)
-    f.seek(pos + n)
-    return True
-
-
-COPY_CHECK = 16 << 20  # bytes of a copied tensor compared at a time
 
 
 def _move_data(path: Path, data_start: int, header: bytes) -> None:

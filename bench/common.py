@@ -54,7 +54,9 @@ def sdbuild(*args: str) -> list[str]:
 
 
 def warm(*paths: Path) -> None:
-    """Read files once so the page cache is warm (the benchmark compares compute, not disk)."""
+    """Read files once so the page cache is warm (the benchmark compares compute, not disk), after writing back
+    what earlier cases left dirty, so that no case pays for another's write-back."""
+    os.sync()
     for p in paths:
         with open(p, "rb") as f:
             while f.read(64 << 20):

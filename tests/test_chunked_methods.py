@@ -302,3 +302,18 @@ def test_extract_merge_rows_over_chunks(monkeypatch):
             got = build_merge(METHODS["extract_merge"], [from_tensors({"w": t}, label=n) for t, n in ((a, "A"), (b, "B"), (c, "C"))],
                               {"alpha": 0.4, "beta": 0.2, "gamma": 0.7}, OpContext(step="s")).get("w")
             assert np.allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6), (shape, chunk)
+
+
+@pytest.mark.parametrize("method,params", [("weighted_sum", {"alpha": 0.3}), ("add_difference_ties", {"k": 0.3}),
+                                           ("slerp", {"alpha": 0.4}), ("model_stock", {}),
+                                           ("add_difference_dare", {"p": 0.5, "seed": 3})])
+def test_evaluation_chunk_size_does_not_change_the_bytes(monkeypatch, method, params):
+    """Formulas run over small evaluation chunks (for the allocator's sake) while statistics keep CHUNK: the
+    result is the same whatever the evaluation chunk."""
+    n = 2 if method in ("weighted_sum", "slerp") else 3
+    tensors = _tensors(n, seed=9)
+    results = []
+    for ev in (999, 1 << 16, 1 << 20):
+        monkeypatch.setattr(chunks, "EVAL_CHUNK", ev)
+        results.append(_kernel(method, tensors, 4096, monkeypatch, **params))
+    assert all(torch.equal(results[0], r) for r in results[1:])

@@ -206,7 +206,7 @@ def test_build_with_a_budget_below_one_tensor_warns_once(tmp_path, model_dir, sd
     costs = sorted(((model.cost(k), k) for k in model.keys()), reverse=True)
     assert costs[0][0] > costs[1][0]
     limit = (costs[0][0] + costs[1][0]) // 2
-    monkeypatch.setattr(runner, "for_tensors", lambda max_memory: limit)
+    monkeypatch.setattr(runner, "for_tensors", lambda max_memory, workers=1: limit)
     d = tmp_path / "b"
     d.mkdir()
     rp = write_recipe(d, f"""

@@ -79,7 +79,7 @@ class Runner:
         self.device = pick_device(planner.options.device)
         self.workers = planner.options.jobs or default_workers()
         return_freed_memory()
-        self.tensor_budget = for_tensors(planner.options.max_memory)  # the limit less torch's own baseline
+        self.tensor_budget = for_tensors(planner.options.max_memory, self.workers)  # the limit less torch's own baseline
         planner.hash_while_reading = True
         self._hashing: dict[str, HashingReader] = {}  # inputs the running step hashes as it reads them
         self._pending: dict[str, NodeFacts] = {}  # their facts until the digests are known

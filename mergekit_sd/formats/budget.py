@@ -80,10 +80,13 @@ def process_rss() -> int:
         return 0
 
 
-def for_tensors(max_memory: int) -> int:
+HEAP_PER_WORKER = 2 << 20  # the evaluation chunks' fp32 temporaries a compute thread leaves in the heap for reuse
+
+
+def for_tensors(max_memory: int, workers: int = 1) -> int:
     """The part of a whole-process limit left for tensors: the limit minus what the process holds already (torch
-    and Python, ~220 MiB) and a little for what is not a tensor."""
-    return max(MIN_TENSOR_BUDGET, max_memory - process_rss() - OVERHEAD)
+    and Python, ~220 MiB), a little for what is not a tensor, and each worker's reusable chunk temporaries."""
+    return max(MIN_TENSOR_BUDGET, max_memory - process_rss() - OVERHEAD - workers * HEAP_PER_WORKER)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8

@@ -14,7 +14,15 @@ from typing import Callable, Iterator
 
 import torch
 
-CHUNK = 1 << 20  # elements; the merge kernel evaluates elementwise formulas over the same chunks
+CHUNK = 1 << 20  # elements of the chunks statistics are summed over (their order fixes the fp64 sums' bits)
+# Elements of the chunks a formula is evaluated on (never more than CHUNK): small enough that each fp32
+# temporary (256 KiB) stays well under the allocator's mmap threshold (formats.budget) and is reused from the heap
+# rather than mapped and page-faulted afresh for every chunk; the result does not depend on it.
+EVAL_CHUNK = 1 << 16
+
+
+def eval_chunk() -> int:
+    return min(CHUNK, EVAL_CHUNK)
 
 
 def spans(n: int, chunk: int | None = None) -> Iterator[tuple[int, int]]:

@@ -100,13 +100,13 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 def run_elementwise(fn, natives: list[torch.Tensor], kwargs: dict, out_dtype: torch.dtype,
                     device: torch.device) -> tuple[torch.Tensor, bool]:
-    """Evaluate an elementwise method over cache-sized chunks (methods.chunks.CHUNK, in order): fp32 math, one
-    rounding, no whole-tensor temporaries."""
+    """Evaluate an elementwise method over cache-sized chunks (methods.chunks.eval_chunk(), in order): fp32 math,
+    one rounding, no whole-tensor temporaries."""
     shape = natives[0].shape
     flats = [t.reshape(-1) for t in natives]
     out = torch.empty(flats[0].numel(), dtype=out_dtype, device=device)
     finite = True
-    for s, e in chunks.spans(out.numel()):
+    for s, e in chunks.spans(out.numel(), chunks.eval_chunk()):
         piece = out[s:e]
         res = fn(*[f[s:e].to(device=device, dtype=torch.float32) for f in flats], **kwargs)
         if out_dtype in FP8 and finite and res.numel():  # fp8 casts saturate: out of range would be silently wrong

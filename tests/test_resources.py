@@ -340,3 +340,47 @@ def test_one_job_runs_the_pipeline_on_one_thread(tmp_path, model_dir, sdbuild, m
             assert ours == [] and torch.get_num_threads() == 1
         else:
             assert any(n.startswith("sdbuild-compute") for n in ours) and "sdbuild-writer" in ours
+
+
+def test_inputs_hashed_before_the_build_are_read_side_by_side(tmp_path, model_dir, sdbuild, monkeypatch):
+    """`plan` (like a build with pins or a remote cache) hashes its inputs before it starts: on up to -j threads at
+    once, each file once, with the digests a one-thread run gives."""
+    import threading
+    import time
+
+    import mergekit_sd.engine.memo as memo
+
+    real = memo.content_digest_and_sha256
+    live, peak, calls = [0], [0], []
+    lock = threading.Lock()
+
+    def slow(path, *args, **kwargs):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            calls.append(path.name)
+        time.sleep(0.3)
+        try:
+            return real(path, *args, **kwargs)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    monkeypatch.setattr(memo, "content_digest_and_sha256", slow)
+    plans = {}
+    for jobs in ("3", "1"):
+        d = tmp_path / f"j{jobs}"
+        d.mkdir()
+        rp = write_recipe(d, f"""
+            sdbuild: 1
+            inputs: {{A: {model_dir}/a.safetensors, B: {model_dir}/b.safetensors, C: {model_dir}/c.safetensors}}
+            steps: {{t: {{op: add_difference, models: [A, B, C], alpha: 0.5}}}}
+            outputs: {{t: t.safetensors}}
+            """)
+        peak[0], calls[:] = 0, []
+        r = sdbuild("plan", rp, "--json", "-j", jobs, "--cache-dir", d / "cache")
+        assert r.code == 0, r
+        plans[jobs] = json.loads(r.out)
+        assert sorted(calls) == ["a.safetensors", "b.safetensors", "c.safetensors"]  # each file hashed once
+        assert peak[0] == (3 if jobs == "3" else 1)
+    assert plans["3"] == plans["1"]

@@ -8,6 +8,7 @@ The same pass records each tensor's digest under the file's content digest (what
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mergekit_sd.engine.state import StateDB, file_identity
@@ -37,3 +38,40 @@ def digest_file(path: str | os.PathLike, db: StateDB | None, want_sha256: bool =
         db.remember(p, ident, digest, sha)
         db.put_tensor_digests(digest, {n: d.hex() for n, d in per_tensor.items()})
     return digest, sha
+
+
+def digest_files(paths: list[Path], db: StateDB, workers: int, want_sha256: bool = True) -> int:
+    """Hash, side by side on up to `workers` threads, the files among `paths` whose digests are not memoised, and
+    memoise them, so that a build hashing several inputs before it starts (pinned sha256s, a remote cache, `.ckpt`
+    files, `plan`) reads them concurrently instead of one after another. A file that fails is left alone: the
+    serial lookup that follows reports it in recipe order. Returns how many files were hashed."""
+    todo: list[tuple[Path, tuple]] = []
+    for path in dict.fromkeys(Path(p).resolve() for p in paths):
+        try:
+            ident = file_identity(path)
+        except OSError:
+            continue
+        memo = db.memo(path)
+        if memo is None or memo[0] != ident or (want_sha256 and not memo[2]):
+            todo.append((path, ident))
+    if len(todo) < 2 or workers < 2:
+        return 0
+
+    def one(item: tuple[Path, tuple]):
+        per: dict[str, bytes] = {}
+        try:
+            return item, content_digest_and_sha256(item[0], want_sha256, per), per
+        except (UserError, OSError):
+            return item, None, per
+
+    done = 0
+    with ThreadPoolExecutor(min(workers, len(todo)), thread_name_prefix="sdbuild-hash") as pool:
+        for (path, ident), got, per in pool.map(one, todo):
+            if got is None or file_identity(path) != ident:  # failed, or changed while read: hashed again later
+                continue
+            STATS["files_hashed"] += 1
+            STATS["bytes_hashed"] += ident[0]
+            db.remember(path, ident, got[0], got[1])
+            db.put_tensor_digests(got[0], {n: d.hex() for n, d in per.items()})
+            done += 1
+    return done

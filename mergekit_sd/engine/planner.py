@@ -16,12 +16,13 @@ from typing import Any
 from mergekit_sd import TOOL
 from mergekit_sd.engine.inputs import search_folders
 from mergekit_sd.engine.keys import compute_key, object_key
-from mergekit_sd.engine.memo import digest_file
+from mergekit_sd.engine.memo import digest_file, digest_files
 from mergekit_sd.engine.options import Options, model_dirs
 from mergekit_sd.engine.progress import Progress
 from mergekit_sd.engine.state import file_identity
 from mergekit_sd.engine.store import Store
 from mergekit_sd.errors import UserError
+from mergekit_sd.formats.prefetch import default_workers
 from mergekit_sd.formats.digests import canonical
 from mergekit_sd.ops import get_op
 from mergekit_sd.provenance.record import NodeFacts
@@ -196,7 +197,23 @@ class Planner:
 
     def plan(self, targets: list[str] | None = None) -> list[NodeState]:
         order = build_order(self.recipe, self.graph, targets)
+        self.prehash(order)
         return [self.plan_node(n) for n in order]
+
+    def prehash(self, order: list[str]) -> None:
+        """Hash the inputs the plan must hash now (not those hashed by a step's reads) side by side, one per
+        worker thread; the plan then finds their digests memoised."""
+        paths = []
+        for n in order:
+            try:
+                if n not in self.recipe.inputs or n in self.facts or self.hashed_while_read(n):
+                    continue
+            except UserError:  # not found: plan_node reports it in recipe order
+                continue
+            declared = self.declared_path(n)
+            if declared is not None and declared.is_file():
+                paths.append(declared)
+        digest_files(paths, self.store.db, self.options.jobs or default_workers())
 
     def touched_files(self) -> list[Path]:
         """Every file whose change could change this build's result (for the no-op fast path)."""

@@ -317,3 +317,20 @@ def test_evaluation_chunk_size_does_not_change_the_bytes(monkeypatch, method, pa
         monkeypatch.setattr(chunks, "EVAL_CHUNK", ev)
         results.append(_kernel(method, tensors, 4096, monkeypatch, **params))
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("shape", [(97, 61), (13, 6, 3, 3), (300,), (3, 5), (40, 2, 9)])
+def test_smooth_add_over_slabs_of_rows_is_the_whole_filter(monkeypatch, shape):
+    """smooth_add reads B - C a slab of rows and its halo at a time (reflected at the tensor's edges as the whole
+    filter does): the bytes of filtering the whole tensor, whatever the slab size."""
+    from mergekit_sd.methods import filters
+    from mergekit_sd.methods.supermerger import _smooth_whole
+
+    g = torch.Generator().manual_seed(41)
+    a, b, c = (torch.randn(shape, generator=g).half() for _ in range(3))
+    want = _smooth_whole(a.float(), b.float(), c.float(), 0.7).half()
+    for chunk, hood in ((7, 1 << 22), (1000, 200), (1 << 20, 1 << 22)):
+        monkeypatch.setattr(filters, "SLAB_NEIGHBOURHOOD", hood)
+        got = _kernel("smooth_add", [a, b, c], chunk, monkeypatch, alpha=0.7)
+        assert torch.equal(got, want), (shape, chunk)
+    assert torch.equal(_kernel("smooth_add", [a, b, c], 1000, monkeypatch, alpha=0.0), a)

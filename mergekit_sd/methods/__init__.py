@@ -18,7 +18,7 @@ A method whose result needs whole-tensor statistics (a norm, a k-th value) but i
 `stats=fn(flats, device, shape=..., **kwargs)`: the kernel computes them from the flattened native tensors in chunks
 (methods.chunks) and then evaluates the formula chunk by chunk with `stats=`, in order; called without `stats`
 the formula computes them from the tensors it is given, with the same chunks and the same result. A method that
-must iterate over whole tensors declares `streamed=fn(flats, device, **kwargs) -> fp32 flat result` instead.
+must iterate over whole tensors declares `streamed=fn(flats, device, shape=..., **kwargs) -> fp32 flat result` instead.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ exp(-x²/2σ²) normalised to sum 1) applied axis by axis, accumulated in float6
 
 from __future__ import annotations
 
+import math
+from typing import Callable
 
 import torch
 
@@ -87,4 +89,45 @@ def smooth(x: torch.Tensor) -> torch.Tensor:
     return gaussian_filter(median_filter3(x), 1.0)
 
 
-__all__ = ["median_filter3", "gaussian_filter", "smooth", "reflect_index", "gaussian_kernel"]
+MEDIAN_HALO, SLAB_NEIGHBOURHOOD = 1, 1 << 22  # rows the median reads beyond its own; 3^N window elements per slab
+
+
+def _gaussian_axis(y: torch.Tensor, k: torch.Tensor, d: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """One axis of gaussian_filter on an already extended fp64 block: output length n along d, stored in dtype."""
+    acc = torch.zeros_like(y.narrow(d, 0, n))
+    for j in range(k.numel()):
+        acc += k[j] * y.narrow(d, j, n)
+    return acc.to(dtype).to(torch.float64)
+
+
+def smooth_rows(rows_of: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], r0: int, r1: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows [r0, r1) along axis 0 of smooth(x) for an x of `shape` whose rows `rows_of(index)` gives (in `dtype`):
+    the same values, bit for bit, as filtering the whole tensor. The Gaussian needs the median's rows within its
+    radius, reflected at the tensor's edges as the whole filter does; those need the input's rows within one more,
+    reflected likewise; the other axes are within each row."""
+    n0 = shape[0]
+    k = gaussian_kernel(1.0, 4.0, torch.float64)
+    radius = (k.numel() - 1) // 2
+    gidx = reflect_index(n0, radius, torch.device("cpu"))[r0:r1 + 2 * radius]  # median rows the Gaussian reads
+    m_lo, m_hi = int(gidx.min()), int(gidx.max()) + 1
+    midx = reflect_index(n0, MEDIAN_HALO, torch.device("cpu"))[m_lo:m_hi + 2 * MEDIAN_HALO]  # input rows they read
+    x = rows_of(midx)
+    device = x.device
+    ndim = len(shape)
+    med = _median3_block(_pad_reflect(x, 1, range(1, ndim)), ndim)  # median rows m_lo..m_hi-1
+    k = k.to(device)
+    y = med.index_select(0, (gidx - m_lo).to(device)).to(torch.float64)
+    y = _gaussian_axis(y, k, 0, r1 - r0, dtype)
+    for d in range(1, ndim):
+        y = _gaussian_axis(y.index_select(d, reflect_index(y.shape[d], radius, device)), k, d, y.shape[d], dtype)
+    return y.to(dtype)
+
+
+def slab_rows(shape: tuple[int, ...], elements: int) -> int:
+    """Rows of axis 0 per slab: about `elements` values, and a 3^N median window within SLAB_NEIGHBOURHOOD."""
+    per_row = max(1, math.prod(shape[1:]))
+    return max(1, min(elements // per_row, SLAB_NEIGHBOURHOOD // (per_row * 3 ** len(shape))))
+
+
+__all__ = ["median_filter3", "gaussian_filter", "smooth", "smooth_rows", "slab_rows", "reflect_index", "gaussian_kernel"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mergekit_sd.methods import chunks, merge_method
+from mergekit_sd.methods import filters
 from mergekit_sd.methods.filters import smooth
 
 VAE_PREFIX = "first_stage_model."
@@ -243,12 +244,41 @@ def train_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha
     return a + (1.8 * alpha) * (b - c) * frac
 
 
-@merge_method(formula="A + alpha*gaussian(median3(B - C), sigma=1)  (N-D, reflect boundary)")
+def smooth_streamed(flats: list[torch.Tensor], device: torch.device | None = None, *, shape: tuple[int, ...] = (),
+                    alpha: float = 1.0, **_: object) -> torch.Tensor:
+    """smooth_add over slabs of rows (`filters.smooth_rows`): B - C is read a slab and its halo at a time, in fp32,
+    so only the fp32 result is whole; the values are those of the whole-tensor filters, bit for bit."""
+    dev = device if device is not None else flats[0].device
+    a, b, c = flats
+    if alpha == 0:
+        return chunks.piece(a, 0, a.numel(), dev)
+    out = torch.empty(a.numel(), dtype=torch.float32, device=dev)
+    if len(shape) == 0 or a.numel() == 0:
+        return _smooth_whole(*(chunks.piece(f, 0, f.numel(), dev).reshape(shape) for f in flats), alpha).reshape(-1)
+    width = a.numel() // shape[0]
+
+    def diff_rows(idx: torch.Tensor) -> torch.Tensor:
+        rows = [f.view(shape[0], width).index_select(0, idx.to(f.device)).to(device=dev, dtype=torch.float32) for f in (b, c)]
+        return (rows[0] - rows[1]).reshape(len(idx), *shape[1:])
+
+    step = filters.slab_rows(shape, chunks.CHUNK)
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        base = chunks.piece(a, r0 * width, r1 * width, dev)
+        out[r0 * width:r1 * width] = base + alpha * filters.smooth_rows(diff_rows, shape, r0, r1).reshape(-1)
+    return out
+
+
+def _smooth_whole(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: float) -> torch.Tensor:
+    return a + alpha * smooth(b - c)
+
+
+@merge_method(formula="A + alpha*gaussian(median3(B - C), sigma=1)  (N-D, reflect boundary)", streamed=smooth_streamed)
 def smooth_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
     """supermerger smoothAdd (and smoothAdd MT): add a denoised B - C."""
     if alpha == 0:
         return a
-    return a + alpha * smooth(b - c)
+    return _smooth_whole(a, b, c, alpha)
 
 
 def extract_weights(alpha: float, beta: float, gamma: float) -> str | None:

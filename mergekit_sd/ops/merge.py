@@ -344,7 +344,7 @@ def build_merge(method: Method, inputs: list[LazyModel], params: dict, ctx: OpCo
                 check_finite(out, key, ctx.step)
             return out.cpu().contiguous()
         if how == "merge" and method.streamed is not None:
-            res = method.streamed([t.reshape(-1) for t in natives], device, **kwargs)
+            res = method.streamed([t.reshape(-1) for t in natives], device, shape=tuple(spec.shape), **kwargs)
             out = res.reshape(spec.shape).to(device="cpu", dtype=spec.dtype).contiguous()
             check_finite(out, key, ctx.step)
             return out

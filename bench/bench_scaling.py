@@ -4,7 +4,7 @@ hashed by the step's own reads, as in a first build) from a warm page cache, and
 process's peak RSS.
 
     python bench/bench_scaling.py [--factor 1] [--workdir bench/work] [--max-memory 1G] [--gm-iterations 10]
-                                  [--rows ws,ties,gm,dare,slerp,model_stock,cosine] [--out table.md]
+                                  [--rows ws,ties,gm,dare,slerp,model_stock,cosine,smooth] [--out table.md]
 
 `--factor N` shrinks every tensor N-fold (1 = full size, ~2 GiB per fp16 model); the table is printed as
 Markdown, with the machine it ran on.
@@ -34,6 +34,7 @@ ROWS = {
     "slerp": ("slerp", 2, "{op: slerp, models: [A, B], alpha: 0.3}"),
     "model_stock": ("model_stock (2 fine-tunes)", 3, "{op: model_stock, models: [A, B, C]}"),
     "cosine": ("cosine_a", 2, "{op: cosine_a, models: [A, B], alpha: 0.3}"),
+    "smooth": ("smooth_add", 3, "{op: smooth_add, models: [A, B, C], alpha: 0.5}"),
 }
 
 

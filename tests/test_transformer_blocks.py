@@ -113,13 +113,12 @@ def merge(tensors_a, tensors_b, alpha, **params):
     return out
 
 
+SHARED_WEIGHTS = {"VAE": 0.9, "TE": 0.05, "final_layer": 1.0}  # the same in both architectures' test mappings
+
+
 def flux_weight(block: str | None) -> float:
-    if block == "VAE":
-        return 0.9
-    if block == "TE":
-        return 0.05
-    if block == "final_layer":
-        return 1.0
+    if block in SHARED_WEIGHTS:
+        return SHARED_WEIGHTS[block]
     if block == "guidance_in":
         return 0.2
     if block and block.startswith("single_blocks."):
@@ -135,12 +134,8 @@ FLUX_ALPHA = {"default": 0.3, "double_blocks.0-9": 0.6, "final_layer": 1, "SINGL
 
 
 def sd3_weight(block: str | None) -> float:
-    if block == "VAE":
-        return 0.9
-    if block == "TE":
-        return 0.05
-    if block == "final_layer":
-        return 1.0
+    if block in SHARED_WEIGHTS:
+        return SHARED_WEIGHTS[block]
     if block == "pos_embed":
         return 0.1
     if block and block.startswith("joint_blocks."):

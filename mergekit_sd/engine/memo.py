@@ -32,12 +32,17 @@ def digest_file(path: str | os.PathLike, db: StateDB | None, want_sha256: bool =
             return memo[1], memo[2]
     per_tensor: dict[str, bytes] = {}
     digest, sha = content_digest_and_sha256(p, want_sha256, per_tensor)
+    _hashed(db, p, ident, digest, sha, per_tensor)
+    return digest, sha
+
+
+def _hashed(db: StateDB | None, path: Path, ident: tuple, digest: str, sha: str | None, per_tensor: dict[str, bytes]) -> None:
+    """Count a file just hashed and memoise its digests (and its tensors' digests)."""
     STATS["files_hashed"] += 1
     STATS["bytes_hashed"] += ident[0]
     if db is not None:
-        db.remember(p, ident, digest, sha)
+        db.remember(path, ident, digest, sha)
         db.put_tensor_digests(digest, {n: d.hex() for n, d in per_tensor.items()})
-    return digest, sha
 
 
 def digest_files(paths: list[Path], db: StateDB, workers: int, want_sha256: bool = True) -> int:
@@ -69,9 +74,6 @@ def digest_files(paths: list[Path], db: StateDB, workers: int, want_sha256: bool
         for (path, ident), got, per in pool.map(one, todo):
             if got is None or file_identity(path) != ident:  # failed, or changed while read: hashed again later
                 continue
-            STATS["files_hashed"] += 1
-            STATS["bytes_hashed"] += ident[0]
-            db.remember(path, ident, got[0], got[1])
-            db.put_tensor_digests(got[0], {n: d.hex() for n, d in per.items()})
+            _hashed(db, path, ident, got[0], got[1], per)
             done += 1
     return done

@@ -25,6 +25,20 @@ def eval_chunk() -> int:
     return min(CHUNK, EVAL_CHUNK)
 
 
+class AxisPositions:
+    """Each element's index along one axis, for consecutive flat chunks of a row-major tensor (the order the kernel
+    evaluates chunks in): element p's index is (p // stride) % size. Lets a per-column, per-row or per-slice
+    statistic be handed to chunks that do not line up with that axis."""
+
+    def __init__(self, stride: int, size: int):
+        self.stride, self.size, self.pos = max(stride, 1), max(size, 1), 0
+
+    def next(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        p = torch.arange(self.pos, self.pos + n, device=device)
+        self.pos += n
+        return torch.div(p, self.stride, rounding_mode="floor") % self.size
+
+
 def spans(n: int, chunk: int | None = None) -> Iterator[tuple[int, int]]:
     """[start, stop) of each chunk of a flat tensor of `n` elements, in order (CHUNK elements unless given)."""
     chunk = chunk or CHUNK

@@ -159,12 +159,10 @@ class ColumnShares:
     """A's share k per column, handed out for consecutive flat chunks of the tensor (the kernel's order)."""
 
     def __init__(self, k: torch.Tensor):
-        self.k, self.pos = k.to(torch.float32), 0
+        self.k, self.column = k.to(torch.float32), chunks.AxisPositions(1, k.numel())
 
     def next(self, n: int) -> torch.Tensor:
-        idx = torch.arange(self.pos, self.pos + n, device=self.k.device) % max(self.k.numel(), 1)
-        self.pos += n
-        return self.k[idx]
+        return self.k[self.column.next(n, self.k.device)]
 
 
 def _prepare_a(inputs, params, ctx) -> CosineStats:
@@ -293,15 +291,13 @@ def extract_weights(alpha: float, beta: float, gamma: float) -> str | None:
 
 class RowFactors:
     """One factor per row of the last dim, handed out for consecutive flat chunks of the tensor (the kernel's
-    order): element p belongs to row p // width."""
+    order)."""
 
     def __init__(self, factors: torch.Tensor, width: int):
-        self.f, self.width, self.pos = factors, max(width, 1), 0
+        self.f, self.row = factors, chunks.AxisPositions(width, factors.numel())
 
     def next(self, n: int) -> torch.Tensor:
-        rows = torch.div(torch.arange(self.pos, self.pos + n, device=self.f.device), self.width, rounding_mode="floor")
-        self.pos += n
-        return self.f[rows]
+        return self.f[self.row.next(n, self.f.device)]
 
 
 def extract_factors(flats: list[torch.Tensor], device: torch.device | None = None, *, shape: tuple[int, ...] = (),
@@ -359,17 +355,14 @@ def swap_rows(a: torch.Tensor, b: torch.Tensor, n: int, alpha: float, beta: floa
 
 
 class SwapMask:
-    """Which elements lie in the swapped band, for consecutive flat chunks of the tensor (the kernel's order):
-    element p's index along `dim` is (p // stride) % size."""
+    """Which elements lie in the swapped band, for consecutive flat chunks of the tensor (the kernel's order)."""
 
     def __init__(self, shape: tuple[int, ...], b_base: bool, lo: int, hi: int, dim: int):
-        self.b_base, self.lo, self.hi, self.pos = b_base, lo, hi, 0
-        self.size = shape[dim] if shape else 1
-        self.stride = math.prod(shape[dim + 1:]) if shape else 1
+        self.b_base, self.lo, self.hi = b_base, lo, hi
+        self.index = chunks.AxisPositions(math.prod(shape[dim + 1:]) if shape else 1, shape[dim] if shape else 1)
 
     def next(self, n: int, device: torch.device) -> torch.Tensor:
-        at = torch.div(torch.arange(self.pos, self.pos + n, device=device), self.stride, rounding_mode="floor") % self.size
-        self.pos += n
+        at = self.index.next(n, device)
         return (at >= self.lo) & (at < self.hi)
 
 
